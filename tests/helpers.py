@@ -1,0 +1,43 @@
+"""Shared test helpers: tiny configs and learnable synthetic data."""
+
+import numpy as np
+import pytest
+
+from vitjax import data as data_lib
+from vitjax.models.config import ViTConfig
+
+# A model small enough that a training step compiles and runs in about a second.
+TINY = ViTConfig(image_size=8, patch_size=4, channels=1, num_classes=4, dim=16,
+                 depth=2, num_heads=2, mlp_dim=32)
+
+
+def synthetic_split(n: int, config: ViTConfig = TINY, seed: int = 0) -> data_lib.Split:
+  """Learnable synthetic images: class k lights up quadrant k (plus noise)."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, config.num_classes, n).astype(np.int32)
+  s = config.image_size
+  images = rng.integers(0, 60, (n, s, s, config.channels)).astype(np.uint8)
+  half = s // 2
+  for i, k in enumerate(labels):
+    r, c = divmod(int(k) % 4, 2)
+    images[i, r * half:(r + 1) * half, c * half:(c + 1) * half] += 150
+  return data_lib.Split(images, labels)
+
+
+def synthetic_dataset(n_train: int = 512, n_test: int = 128,
+                      config: ViTConfig = TINY) -> data_lib.Dataset:
+  return data_lib.make_dataset(synthetic_split(n_train + 64, config, 0),
+                               synthetic_split(n_test, config, 1), "synthetic",
+                               validation=32, calibration=32)
+
+
+def fashion_available() -> bool:
+  try:
+    data_lib.find_fashion_dir(None)
+    return True
+  except data_lib.DatasetError:
+    return False
+
+
+needs_fashion = pytest.mark.skipif(not fashion_available(),
+                                   reason="Fashion-MNIST files not installed")

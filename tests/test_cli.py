@@ -1,0 +1,69 @@
+"""The `vitjax` command line, end to end on a small npz dataset."""
+
+import re
+
+import numpy as np
+import pytest
+
+from helpers import synthetic_split
+from vitjax import cli
+from vitjax.models import config as config_lib
+
+
+@pytest.fixture
+def npz_dir(tmp_path):
+  for name, n, seed in (("train.npz", 1200, 0), ("test.npz", 256, 1)):
+    split = synthetic_split(n, config_lib.preset("tiny"), seed)
+    np.savez(tmp_path / name, images=split.images, labels=split.labels)
+  return tmp_path
+
+
+def _accuracy(text: str) -> str:
+  return re.search(r"top-1 ([0-9.]+)%", text).group(1)
+
+
+def test_train_then_eval_reprints_the_accuracy(npz_dir, tmp_path, capsys, monkeypatch):
+  # The tiny preset, trained a few steps on 28x28 synthetic images.
+  monkeypatch.setitem(config_lib.PRESETS, "tiny",
+                      config_lib.PRESETS["tiny"].replace(dim=32, depth=1, mlp_dim=32,
+                                                         num_classes=4, patch_size=7))
+  out = tmp_path / "run"
+  assert cli.main(["train", "--dataset", "npz", "--data-dir", str(npz_dir),
+                   "--steps", "16", "--batch-size", "64", "--out", str(out)]) == 0
+  trained = capsys.readouterr().out
+  assert (out / "model" / "vitjax.json").exists()
+  assert cli.main(["eval", str(out), "--dataset", "npz", "--data-dir", str(npz_dir)]) == 0
+  evaluated = capsys.readouterr().out
+  assert _accuracy(trained) == _accuracy(evaluated)
+  assert "checkpoint on disk" in evaluated
+  # A second `train` reuses the finished run instead of training again.
+  assert cli.main(["train", "--dataset", "npz", "--data-dir", str(npz_dir),
+                   "--steps", "16", "--batch-size", "64", "--out", str(out)]) == 0
+  assert "reusing" in capsys.readouterr().out
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+  assert cli.main(["eval", str(tmp_path)]) == 2
+  assert "vitjax.json is missing" in capsys.readouterr().err
+  assert cli.main(["train", "--dataset", "npz", "--data-dir", str(tmp_path)]) == 2
+  assert "has no train.npz" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    cli.main(["train", "--preset", "huge"])
+  assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def test_eval_on_data_with_other_channel_count(npz_dir, tmp_path, capsys, monkeypatch):
+  monkeypatch.setitem(config_lib.PRESETS, "tiny",
+                      config_lib.PRESETS["tiny"].replace(dim=16, depth=1, mlp_dim=16,
+                                                         num_classes=4, patch_size=7))
+  out = tmp_path / "run"
+  assert cli.main(["train", "--dataset", "npz", "--data-dir", str(npz_dir),
+                   "--steps", "2", "--batch-size", "64", "--out", str(out)]) == 0
+  rgb_dir = tmp_path / "rgb"
+  rgb_dir.mkdir()
+  for name in ("train.npz", "test.npz"):
+    np.savez(rgb_dir / name, images=np.zeros((200, 28, 28, 3), np.uint8),
+             labels=np.arange(200) % 4)
+  capsys.readouterr()
+  assert cli.main(["eval", str(out), "--dataset", "npz", "--data-dir", str(rgb_dir)]) == 2
+  assert "data has 3 channel(s) but the model expects channels=1" in capsys.readouterr().err

@@ -1,0 +1,145 @@
+"""Training: losses by hand, sharding parity, kill-and-resume, workdir checks."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from helpers import TINY, synthetic_split
+from vitjax import evaluate, sharding, train
+from vitjax import model as model_lib
+
+
+def _leaves(model):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(model.params)]
+
+
+def test_cross_entropy_with_smoothing_by_hand():
+  logits = np.array([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]], np.float32)
+  labels = np.array([0, 1])
+  eps = 0.1
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  targets = np.full((2, 3), eps / 3)
+  targets[np.arange(2), labels] += 1 - eps
+  want = -(targets * logp).sum(-1).mean()
+  np.testing.assert_allclose(train.cross_entropy(logits, labels, eps), want, rtol=1e-6)
+  np.testing.assert_allclose(train.cross_entropy(logits, labels),
+                             -logp[np.arange(2), labels].mean(), rtol=1e-6)
+
+
+def test_training_learns_synthetic_task():
+  split = synthetic_split(512)
+  cfg = train.TrainConfig(steps=120, batch_size=32, learning_rate=1e-2, warmup_steps=5,
+                          label_smoothing=0.0)
+  model = train.fit(model_lib.init(TINY, 0), split, cfg, progress=False,
+                    mesh=sharding.make_mesh(jax.devices()[:1]))
+  assert evaluate.accuracy(model, synthetic_split(128, seed=1)) > 0.9
+
+
+def test_weight_decay_skips_norms_biases_and_embeddings():
+  part = train.Partition.of(model_lib.init(TINY, 0).params)
+  flat = jax.tree_util.tree_flatten_with_path(model_lib.init(TINY, 0).params)[0]
+  decayed = {model_lib.path_str(p) for (p, _), d in zip(flat, part.decay) if d}
+  assert "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel" in decayed
+  assert not any(k.endswith(("bias", "scale")) or "pos_embedding" in k or k == "cls"
+                 for k in decayed)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_eight_devices_match_one(fsdp):
+  assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+  # 5 classes in batches of 16: no class can be exactly balanced, so no
+  # gradient is a rounding-noise zero that Adam's normalization would amplify.
+  config = TINY.replace(num_classes=5)
+  split = synthetic_split(64, config)
+  cfg = train.TrainConfig(steps=1, batch_size=16, warmup_steps=0, fsdp=fsdp)
+  one = train.fit(model_lib.init(config, 0), split, cfg, progress=False,
+                  mesh=sharding.make_mesh(jax.devices()[:1]))
+  eight = train.fit(model_lib.init(config, 0), split, cfg, progress=False,
+                    mesh=sharding.make_mesh(jax.devices()))
+  start = _leaves(model_lib.init(config, 0))
+  moved = 0
+  for a, b, s in zip(_leaves(one), _leaves(eight), start):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    moved += not np.allclose(a, s)
+  assert moved > 10  # the step really updated the weights
+
+
+def test_fsdp_really_shards_parameters():
+  mesh = sharding.make_mesh(jax.devices())
+  specs = sharding.param_shardings(model_lib.init(TINY, 0).params, mesh, fsdp=True)
+  kernel = specs["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["kernel"]
+  assert kernel.spec == jax.sharding.PartitionSpec(None, "data")  # (16, 32): 32 split
+  assert specs["head"]["bias"].spec == jax.sharding.PartitionSpec()  # 4 < 8 devices
+
+
+def test_batch_size_must_split_over_devices():
+  with pytest.raises(ValueError, match="batch_size=12 must be a multiple of the 8 devices"):
+    train.fit(model_lib.init(TINY, 0), synthetic_split(64),
+              train.TrainConfig(steps=2, batch_size=12, warmup_steps=0), progress=False)
+
+
+class Killed(Exception):
+  pass
+
+
+def test_kill_and_resume_gives_identical_params(tmp_path):
+  split = synthetic_split(96)
+  cfg = train.TrainConfig(steps=9, batch_size=16, warmup_steps=2, checkpoint_every=2,
+                          log_every=1, crop_pad=1, flip=True)
+  mesh = sharding.make_mesh(jax.devices()[:2])
+  straight = train.fit(model_lib.init(TINY, 0), split, cfg, progress=False, mesh=mesh)
+
+  def die_at_7(step, metrics):
+    if step == 7:
+      raise Killed()
+  with pytest.raises(Killed):
+    train.fit(model_lib.init(TINY, 0), split, cfg, workdir=tmp_path, progress=False,
+              mesh=mesh, on_step=die_at_7)
+  steps_seen = []
+  resumed = train.fit(model_lib.init(TINY, 0), split, cfg, workdir=tmp_path,
+                      progress=False, mesh=mesh,
+                      on_step=lambda s, m: steps_seen.append(s))
+  assert steps_seen[0] == 7  # resumed after the step-6 checkpoint, not from 0
+  for a, b in zip(_leaves(straight), _leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  # A finished run returns its final state without training again.
+  again = train.fit(model_lib.init(TINY, 1), split, cfg, workdir=tmp_path,
+                    progress=False, mesh=mesh)
+  for a, b in zip(_leaves(straight), _leaves(again)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_workdir_of_another_run_is_refused(tmp_path):
+  split = synthetic_split(64)
+  cfg = train.TrainConfig(steps=2, batch_size=16, warmup_steps=0)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  train.fit(model_lib.init(TINY, 0), split, cfg, workdir=tmp_path, progress=False,
+            mesh=mesh)
+  with pytest.raises(ValueError, match=r"different run \(train: saved .*'steps': 2"):
+    train.fit(model_lib.init(TINY, 0), split,
+              train.TrainConfig(steps=3, batch_size=16, warmup_steps=0),
+              workdir=tmp_path, progress=False, mesh=mesh)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=0), "steps must be >= 1"),
+    (dict(steps=5, warmup_steps=5), "warmup_steps=5 must be in 0..steps-1=4"),
+    (dict(steps=5, label_smoothing=1.0), r"label_smoothing must be in \[0, 1\)"),
+    (dict(steps=5, learning_rate=0.0), "learning_rate must be > 0"),
+])
+def test_train_config_errors(kwargs, match):
+  kwargs.setdefault("warmup_steps", 0)
+  with pytest.raises(ValueError, match=match):
+    train.TrainConfig(**kwargs)
+
+
+def test_optimizer_masks_weight_decay():
+  opt = train.make_optimizer(train.TrainConfig(steps=10, warmup_steps=0,
+                                               learning_rate=0.1, weight_decay=0.5,
+                                               grad_clip=0), [True, False])
+  params = [np.ones(3, np.float32), np.ones(3, np.float32)]
+  zero = [np.zeros(3, np.float32)] * 2
+  updates, _ = opt.update(zero, opt.init(params), params)
+  new = optax.apply_updates(params, updates)
+  assert np.all(new[0] < 1) and np.all(new[1] == 1)

@@ -1,0 +1,81 @@
+"""The polymorphic `linear`: every linear layer of the ViT calls it.
+
+A weight leaf of the parameter tree is either a plain array or a compressed
+leaf type (quantized, low-rank, masked; see `vitjax.leaves_*` modules). Each
+leaf type registers how it multiplies with `matmul.register`, so the model code
+never branches on how a layer was compressed, and a new compression method is a
+new leaf type plus a transform.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@functools.singledispatch
+def matmul(x: jax.Array, w: Any) -> jax.Array:
+  """Returns `x @ w` contracting the last axis of `x` with the first of `w`.
+
+  Dispatches on the type of `w`; this default handles plain arrays.
+
+  Raises:
+    TypeError: `w` is neither an array nor a registered leaf type.
+  """
+  if not isinstance(w, (jax.Array, np.ndarray)):
+    raise TypeError(
+        f"linear got a weight of type {type(w).__name__}; expected an array or "
+        f"one of the registered leaf types {registered_leaf_types()}")
+  w = w.astype(x.dtype) if w.dtype != x.dtype else w
+  return jnp.matmul(x, w)
+
+
+def linear(x: jax.Array, w: Any, b: jax.Array | None = None) -> jax.Array:
+  """Returns `x @ w + b` for any weight leaf `w` (see `matmul`)."""
+  y = matmul(x, w)
+  return y if b is None else y + b.astype(y.dtype)
+
+
+@functools.singledispatch
+def trainable(leaf: Any) -> Any:
+  """Returns a tree shaped like `leaf`'s arrays: True where training may update.
+
+  Float arrays are trainable; integer arrays and boolean masks are not. Leaf
+  types register their own rule (e.g. a quantized weight's values and scales
+  are frozen; a masked weight's values train but its mask does not).
+  """
+  return bool(jnp.issubdtype(leaf.dtype, jnp.floating))
+
+
+@functools.singledispatch
+def constrain(leaf: Any) -> Any:
+  """Returns `leaf` with its structural constraints re-applied after an update.
+
+  Arrays have none; e.g. a masked weight registers `w * mask`, so training
+  keeps pruned weights at zero.
+  """
+  return leaf
+
+
+def constrain_tree(params: Any) -> Any:
+  """Applies `constrain` to every weight leaf of `params`."""
+  return jax.tree_util.tree_map(constrain, params, is_leaf=is_compressed)
+
+
+def is_compressed(x: Any) -> bool:
+  """True for instances of registered compressed leaf types."""
+  return type(x) in matmul.registry and type(x) is not object
+
+
+def registered_leaf_types() -> list[str]:
+  """Names of the compressed leaf types `linear` accepts besides arrays."""
+  return sorted(t.__name__ for t in matmul.registry if t is not object)
+
+
+def trainable_mask(params: Any) -> Any:
+  """`params`-shaped tree of bools (see `trainable`), compressed leaves included."""
+  return jax.tree_util.tree_map(trainable, params, is_leaf=is_compressed)

@@ -1,0 +1,203 @@
+"""`Model(config, params)`: the value every vitjax transform takes and returns.
+
+`config` is a frozen `ViTConfig` (static under jit); `params` is a plain pytree
+whose weight leaves may be arrays or compressed leaves. A `Model` is itself a
+pytree (config as static metadata), so it passes through `jax.jit` whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitjax.models.config import ViTConfig
+from vitjax.models.vit import VisionTransformer
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A ViT/DeiT configuration and its (possibly compressed) parameters."""
+
+  config: ViTConfig
+  params: PyTree
+
+  @property
+  def module(self) -> VisionTransformer:
+    return VisionTransformer(self.config)
+
+  def replace(self, **changes: Any) -> Model:
+    return dataclasses.replace(self, **changes)
+
+
+jax.tree_util.register_dataclass(Model, data_fields=["params"],
+                                 meta_fields=["config"])
+
+
+def init(config: ViTConfig, rng: jax.Array | int = 0) -> Model:
+  """Returns a freshly initialized float32 `Model` for `config`."""
+  if isinstance(rng, int):
+    rng = jax.random.PRNGKey(rng)
+  images = jnp.zeros((1, config.image_size, config.image_size, config.channels))
+  params = jax.jit(VisionTransformer(config).init)(rng, images)["params"]
+  return Model(config, params)
+
+
+def apply(model: Model, images: jax.Array, heads: str = "mean") -> Any:
+  """Returns the logits of `model` on (B, H, W, C) float `images`.
+
+  For a DeiT, `heads="both"` returns `(cls_logits, dist_logits)`.
+  """
+  return model.module.apply({"params": model.params}, images, heads=heads)
+
+
+def apply_with_intermediates(model: Model, images: jax.Array,
+                             heads: str = "mean") -> tuple[Any, dict[str, list]]:
+  """Returns `(logits, {"features": [...], "attention": [...]})`.
+
+  `features[i]` is block i's output tokens (B, T, dim); `attention[i]` its
+  attention probabilities (B, heads, T, T).
+  """
+  out, state = model.module.apply({"params": model.params}, images,
+                                  heads=heads, mutable=["intermediates"])
+  blocks = state["intermediates"]["Transformer"]
+  names = sorted(blocks, key=lambda n: int(n.rsplit("_", 1)[1]))
+  features = [blocks[n]["features"][0] for n in names]
+  attention = [blocks[n]["MultiHeadDotProductAttention_1"]["attention"][0]
+               for n in names]
+  return out, {"features": features, "attention": attention}
+
+
+# ---------------------------------------------------------------- structure
+
+
+def path_str(path: tuple) -> str:
+  """'/'-joined names of a key path from `jax.tree_util` (dict keys only)."""
+  parts = []
+  for key in path:
+    name = getattr(key, "key", None)
+    if name is None:
+      name = getattr(key, "name", None)
+    if name is None:
+      name = getattr(key, "idx", key)
+    parts.append(str(name))
+  return "/".join(parts)
+
+
+def weight_leaves(params: PyTree) -> Iterator[tuple[str, Any]]:
+  """Yields `(path, leaf)` for every entry of the nested params dict.
+
+  Compressed leaves are yielded whole (not their inner arrays); paths look
+  like 'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel'.
+  """
+  def walk(node: Any, prefix: str):
+    if isinstance(node, dict):
+      for key in node:
+        yield from walk(node[key], f"{prefix}/{key}" if prefix else key)
+    else:
+      yield prefix, node
+  yield from walk(params, "")
+
+
+def expected_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
+  """Path -> dense shape of every parameter a model of `config` has."""
+  images = jax.ShapeDtypeStruct(
+      (1, config.image_size, config.image_size, config.channels), jnp.float32)
+  abstract = jax.eval_shape(VisionTransformer(config).init,
+                            jax.random.PRNGKey(0), images)["params"]
+  return {p: tuple(leaf.shape) for p, leaf in weight_leaves(abstract)}
+
+
+def logical_shape(leaf: Any) -> tuple[int, ...]:
+  """Dense shape a leaf stands for (compressed leaves define `.shape`)."""
+  return tuple(np.shape(leaf)) if not hasattr(leaf, "shape") else tuple(leaf.shape)
+
+
+def check_params(config: ViTConfig, params: PyTree) -> None:
+  """Raises ValueError naming the first path where `params` does not fit `config`.
+
+  Checks the set of parameter paths, every leaf's (logical) shape, and that no
+  float weight holds NaN or inf.
+  """
+  want = expected_shapes(config)
+  got = dict(weight_leaves(params))
+  missing = sorted(set(want) - set(got))
+  extra = sorted(set(got) - set(want))
+  if missing or extra:
+    raise ValueError(
+        "parameter tree does not match the model config: "
+        f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+        f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
+  for path, shape in want.items():
+    have = logical_shape(got[path])
+    if have != shape:
+      raise ValueError(f"parameter {path} has shape {have}, the config expects {shape}")
+  for path, leaf in got.items():
+    for arr in jax.tree_util.tree_leaves(leaf):
+      if jnp.issubdtype(arr.dtype, jnp.floating) and not bool(jnp.isfinite(arr).all()):
+        raise ValueError(f"parameter {path} holds NaN or inf values")
+
+
+# ---------------------------------------------------------------- accounting
+
+
+def array_bits(arr: Any) -> int:
+  """Bits one element of `arr` takes in a vitjax checkpoint.
+
+  int4/uint4 are packed two per byte and boolean masks one bit per element.
+  """
+  dtype = jnp.dtype(arr.dtype)
+  if dtype in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)):
+    return 4
+  if dtype == jnp.dtype(bool):
+    return 1
+  return dtype.itemsize * 8
+
+
+def param_count(model: Model) -> int:
+  """Number of stored values (int8 and float alike), scales included."""
+  return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(model.params))
+
+
+def stored_bytes(model: Model) -> int:
+  """Bytes of the parameter arrays as a vitjax checkpoint stores them."""
+  bits = sum(int(np.prod(a.shape)) * array_bits(a)
+             for a in jax.tree_util.tree_leaves(model.params))
+  return math.ceil(bits / 8)
+
+
+def _dot_flops(jaxpr: Any) -> int:
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+      (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+      prod = lambda shape, axes: int(np.prod([shape[i] for i in axes]))
+      free_l = [i for i in range(len(lhs)) if i not in lc and i not in lb]
+      free_r = [i for i in range(len(rhs)) if i not in rc and i not in rb]
+      total += 2 * prod(lhs, lb) * prod(lhs, lc) * prod(lhs, free_l) * prod(rhs, free_r)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          total += _dot_flops(inner)
+  return total
+
+
+def flops_per_image(model: Model) -> int:
+  """Multiply-add FLOPs (2 per MAC) of every matmul in one image's forward.
+
+  Counted from the traced program, so low-rank factors, pruned widths and
+  attention are all accounted for as they really run; element-wise work is
+  not counted. Masked (sparse) weights count as the dense matmul XLA runs.
+  """
+  cfg = model.config
+  images = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.channels))
+  closed = jax.make_jaxpr(lambda m, x: apply(m, x))(model, images)
+  return _dot_flops(closed.jaxpr)

@@ -1,0 +1,142 @@
+"""ViT / DeiT configuration: a frozen, hashable dataclass (static under jit)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """Shape of a ViT or DeiT.
+
+  Attributes:
+    image_size: side of the square input image, in pixels.
+    patch_size: side of a square patch; must divide `image_size`.
+    channels: input channels (1 for Fashion-MNIST, 3 for ImageNet).
+    num_classes: classifier outputs.
+    dim: token width.
+    depth: number of encoder blocks.
+    num_heads: attention heads of an unpruned block; `dim` must divide by it.
+    mlp_dim: hidden width of an unpruned block's MLP.
+    distilled: DeiT: add a distillation token and a second head.
+    block_heads: per-block head counts after structured pruning (empty: all
+      blocks have `num_heads`). The width of one head stays `dim // num_heads`.
+    block_mlp_dims: per-block MLP widths after structured pruning (empty: all
+      blocks have `mlp_dim`).
+    dtype: compute dtype of activations ('float32' or 'bfloat16').
+  """
+
+  image_size: int = 28
+  patch_size: int = 4
+  channels: int = 1
+  num_classes: int = 10
+  dim: int = 128
+  depth: int = 6
+  num_heads: int = 4
+  mlp_dim: int = 256
+  distilled: bool = False
+  block_heads: tuple[int, ...] = ()
+  block_mlp_dims: tuple[int, ...] = ()
+  dtype: str = "float32"
+
+  def __post_init__(self) -> None:
+    for name in ("image_size", "patch_size", "channels", "num_classes", "dim",
+                 "depth", "num_heads", "mlp_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"ViTConfig.{name} must be a positive int, got {value!r}")
+    if self.dim % self.num_heads:
+      raise ValueError(
+          f"ViTConfig.dim={self.dim} is not divisible by num_heads="
+          f"{self.num_heads}; pick num_heads among the divisors of dim")
+    if self.image_size % self.patch_size:
+      raise ValueError(
+          f"ViTConfig.image_size={self.image_size} is not divisible by "
+          f"patch_size={self.patch_size}")
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(
+          f"ViTConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+    # Lists from JSON become tuples so the config stays hashable.
+    object.__setattr__(self, "block_heads", tuple(self.block_heads))
+    object.__setattr__(self, "block_mlp_dims", tuple(self.block_mlp_dims))
+    for name, full in (("block_heads", self.num_heads),
+                       ("block_mlp_dims", self.mlp_dim)):
+      sizes = getattr(self, name)
+      if sizes and len(sizes) != self.depth:
+        raise ValueError(
+            f"ViTConfig.{name} has {len(sizes)} entries, expected depth="
+            f"{self.depth} (or none)")
+      for i, size in enumerate(sizes):
+        if not isinstance(size, int) or not 1 <= size <= full:
+          raise ValueError(
+              f"ViTConfig.{name}[{i}]={size!r} is outside 1..{full}")
+
+  @property
+  def head_dim(self) -> int:
+    """Width of one attention head."""
+    return self.dim // self.num_heads
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    """Class token, plus the distillation token for DeiT."""
+    return 2 if self.distilled else 1
+
+  @property
+  def num_tokens(self) -> int:
+    return self.num_patches + self.num_prefix_tokens
+
+  def heads(self, block: int) -> int:
+    """Attention heads of encoder block `block`."""
+    return self.block_heads[block] if self.block_heads else self.num_heads
+
+  def mlp_width(self, block: int) -> int:
+    """MLP hidden width of encoder block `block`."""
+    return self.block_mlp_dims[block] if self.block_mlp_dims else self.mlp_dim
+
+  def replace(self, **changes: Any) -> ViTConfig:
+    """Returns a copy with `changes` applied (validated again)."""
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-ready dict; `ViTConfig.from_dict` inverts it."""
+    out = dataclasses.asdict(self)
+    out["block_heads"] = list(self.block_heads)
+    out["block_mlp_dims"] = list(self.block_mlp_dims)
+    return out
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> ViTConfig:
+    """Builds a config from `to_dict` output; refuses unknown keys."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"unknown ViTConfig fields {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+PRESETS: dict[str, ViTConfig] = {
+    # Fits the 2-core CPU budget on 28x28 grayscale (Fashion-MNIST).
+    "tiny": ViTConfig(image_size=28, patch_size=4, channels=1, num_classes=10,
+                      dim=128, depth=6, num_heads=4, mlp_dim=256),
+    # ImageNet-shaped presets for GPU/TPU (ViT-S/16 and ViT-B/16).
+    "s16": ViTConfig(image_size=224, patch_size=16, channels=3, num_classes=1000,
+                     dim=384, depth=12, num_heads=6, mlp_dim=1536),
+    "b16": ViTConfig(image_size=224, patch_size=16, channels=3, num_classes=1000,
+                     dim=768, depth=12, num_heads=12, mlp_dim=3072),
+}
+
+
+def preset(name: str, **overrides: Any) -> ViTConfig:
+  """Returns the named preset with `overrides` applied.
+
+  Raises:
+    ValueError: `name` is not one of `PRESETS`.
+  """
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+  return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

@@ -1,0 +1,165 @@
+"""ViT and DeiT in flax.linen, in one readable file.
+
+Parameter names follow big_vision's `vit.py` (`embedding`, `cls`, `dist`,
+`pos_embedding`, `Transformer/encoderblock_{i}`, `encoder_norm`, `head`,
+`head_dist`) so its checkpoints load with a thin mapping. Every linear layer
+(patch embedding, q/k/v/out, MLP, heads) is a `Linear`, which calls the one
+polymorphic `vitjax.leaves.linear`: a kernel may be a plain array or any
+compressed leaf, and nothing here changes.
+
+Two sown intermediates support distillation and calibration: each block's
+output tokens (`features`) and attention probabilities (`attention`); they are
+recorded only when `apply` is called with `mutable=["intermediates"]`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vitjax import leaves
+from vitjax.models.config import ViTConfig
+
+Initializer = Callable[..., jax.Array]
+
+
+class Linear(nn.Module):
+  """`x @ kernel + bias` where `kernel` may be any weight leaf.
+
+  The kernel is declared as an ordinary (in, out) array at init; at apply time
+  it is read as it is, so a compressed leaf of another structure (low-rank
+  factors, int8 values and scales) passes Flax's shape check untouched.
+  """
+
+  features: int
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+  bias_init: Initializer = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.is_initializing():
+      self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+      self.param("bias", self.bias_init, (self.features,))
+    return leaves.linear(x, self.get_variable("params", "kernel"),
+                         self.get_variable("params", "bias"))
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with `heads` heads of width `head_dim`."""
+
+  heads: int
+  head_dim: int
+  dim: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, t, _ = x.shape
+    width = self.heads * self.head_dim
+    split = lambda y: y.reshape(b, t, self.heads, self.head_dim)
+    q = split(Linear(width, name="query")(x))
+    k = split(Linear(width, name="key")(x))
+    v = split(Linear(width, name="value")(x))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(
+        jnp.asarray(self.head_dim, x.dtype))
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+    self.sow("intermediates", "attention", probs)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, width)
+    return Linear(self.dim, name="out")(out)
+
+
+class MlpBlock(nn.Module):
+  """Two linear layers with GELU between them."""
+
+  hidden: int
+  dim: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = Linear(self.hidden, bias_init=nn.initializers.normal(1e-6), name="Dense_0")(x)
+    x = nn.gelu(x)
+    return Linear(self.dim, bias_init=nn.initializers.normal(1e-6), name="Dense_1")(x)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+  heads: int
+  head_dim: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dim = x.shape[-1]
+    y = nn.LayerNorm(dtype=x.dtype, name="LayerNorm_0")(x)
+    x = x + Attention(self.heads, self.head_dim, dim,
+                      name="MultiHeadDotProductAttention_1")(y)
+    y = nn.LayerNorm(dtype=x.dtype, name="LayerNorm_2")(x)
+    x = x + MlpBlock(self.mlp_dim, dim, name="MlpBlock_3")(y)
+    self.sow("intermediates", "features", x)
+    return x
+
+
+class Encoder(nn.Module):
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    for i in range(cfg.depth):
+      x = EncoderBlock(cfg.heads(i), cfg.head_dim, cfg.mlp_width(i),
+                       name=f"encoderblock_{i}")(x)
+    return nn.LayerNorm(name="encoder_norm", dtype=x.dtype)(x)
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+  """(B, H, W, C) images -> (B, H/p * W/p, p*p*C) patches, row-major.
+
+  Each patch is flattened in (row, column, channel) order, the order of a
+  big_vision conv kernel of shape (p, p, C, dim) reshaped to (p*p*C, dim).
+  """
+  b, h, w, c = images.shape
+  x = images.reshape(b, h // patch, patch, w // patch, patch, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+class VisionTransformer(nn.Module):
+  """ViT (class token) or DeiT (class + distillation tokens, two heads).
+
+  `__call__(images, heads="mean")` returns logits of shape (B, classes); for a
+  DeiT, `heads="mean"` averages the two heads (inference) and `heads="both"`
+  returns `(cls_logits, dist_logits)` (training with hard distillation).
+  """
+
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, images: jax.Array, heads: str = "mean"):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    x = Linear(cfg.dim, name="embedding")(
+        patchify(images.astype(dtype), cfg.patch_size))
+    b = x.shape[0]
+    prefix = [self.param("cls", nn.initializers.zeros, (1, 1, cfg.dim))]
+    if cfg.distilled:
+      prefix.append(self.param("dist", nn.initializers.zeros, (1, 1, cfg.dim)))
+    prefix = [jnp.broadcast_to(p.astype(dtype), (b, 1, cfg.dim)) for p in prefix]
+    x = jnp.concatenate(prefix + [x], axis=1)
+    pos = self.param("pos_embedding", nn.initializers.normal(0.02),
+                     (1, cfg.num_tokens, cfg.dim))
+    x = x + pos.astype(dtype)
+    x = Encoder(cfg, name="Transformer")(x)
+    zero = nn.initializers.zeros
+    logits = Linear(cfg.num_classes, kernel_init=zero, name="head")(x[:, 0])
+    if not cfg.distilled:
+      return logits.astype(jnp.float32)
+    dist = Linear(cfg.num_classes, kernel_init=zero, name="head_dist")(x[:, 1])
+    logits, dist = logits.astype(jnp.float32), dist.astype(jnp.float32)
+    if heads == "both":
+      return logits, dist
+    if heads != "mean":
+      raise ValueError(f"heads must be 'mean' or 'both', got {heads!r}")
+    return (logits + dist) / 2

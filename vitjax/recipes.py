@@ -1,0 +1,79 @@
+"""Tuned training recipes per preset, and train-or-reuse of a teacher run.
+
+A run directory holds `model/` (the exported model, see `vitjax.export`) and
+`train/` (the resumable orbax training state); `train_teacher` reuses a
+finished `model/`, resumes an interrupted `train/`, or starts fresh.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from vitjax import data as data_lib
+from vitjax import export
+from vitjax import model as model_lib
+from vitjax import train
+from vitjax.model import Model
+from vitjax.models.config import ViTConfig, preset
+
+MODEL_DIR = "model"
+TRAIN_DIR = "train"
+
+# Per preset: the epochs and optimizer settings of the teacher recipe.
+TEACHER_RECIPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(epochs=4.0, batch_size=128, learning_rate=2e-3, warmup_steps=100,
+                 weight_decay=0.05, label_smoothing=0.1),
+    "s16": dict(epochs=10.0, batch_size=256, learning_rate=1e-3, warmup_steps=500,
+                weight_decay=0.05, label_smoothing=0.1, crop_pad=2, flip=True),
+    "b16": dict(epochs=10.0, batch_size=256, learning_rate=5e-4, warmup_steps=500,
+                weight_decay=0.05, label_smoothing=0.1, crop_pad=2, flip=True),
+}
+
+
+def model_config(preset_name: str, dataset: data_lib.Dataset) -> ViTConfig:
+  """The preset's config with classes (and channels, for 1-vs-3) fitted to the data."""
+  cfg = preset(preset_name, num_classes=dataset.num_classes)
+  channels = dataset.image_shape[-1]
+  if channels != cfg.channels and channels != 1:
+    cfg = cfg.replace(channels=channels)
+  return cfg
+
+
+def teacher_train_config(preset_name: str, n_train: int, *, epochs: float | None = None,
+                         steps: int | None = None, **overrides: Any) -> train.TrainConfig:
+  """The preset's recipe as a TrainConfig; `steps` wins over `epochs`."""
+  recipe = dict(TEACHER_RECIPES.get(preset_name, TEACHER_RECIPES["tiny"]))
+  recipe_epochs = recipe.pop("epochs")
+  recipe.update({k: v for k, v in overrides.items() if v is not None})
+  if steps is None:
+    steps = train.steps_for_epochs(epochs or recipe_epochs, n_train, recipe["batch_size"])
+  recipe["warmup_steps"] = min(recipe["warmup_steps"], steps // 10)
+  return train.TrainConfig(steps=steps, **recipe)
+
+
+def train_teacher(run_dir: str | pathlib.Path, config: ViTConfig,
+                  dataset: data_lib.Dataset, cfg: train.TrainConfig, *,
+                  seed: int = 0, progress: bool = True) -> Model:
+  """Returns the trained model of `run_dir`, training (or resuming) it if needed.
+
+  A finished `run_dir/model` is reused when its config matches `config`.
+  """
+  run_dir = pathlib.Path(run_dir)
+  model_dir = run_dir / MODEL_DIR
+  if (model_dir / export.META_FILE).exists():
+    return export.load_model(model_dir, expect_config=config)
+  trained = train.fit(model_lib.init(config, seed), dataset.train, cfg,
+                      workdir=run_dir / TRAIN_DIR, progress=progress,
+                      run_name="teacher", desc="teacher")
+  export.save_model(trained, model_dir, metadata={"train": cfg.to_dict()},
+                    overwrite=True)
+  return trained
+
+
+def model_dir_of(path: str | pathlib.Path) -> pathlib.Path:
+  """Accepts a run directory or a model directory; returns the model directory."""
+  path = pathlib.Path(path)
+  if (path / MODEL_DIR / export.META_FILE).exists():
+    return path / MODEL_DIR
+  return path

@@ -1,0 +1,355 @@
+"""Sharded optax training with orbax checkpoints and bit-exact resume.
+
+`fit` trains any `Model` (plain or compressed: only leaves that `leaves.trainable`
+marks are updated, and each leaf's constraints are re-applied after every
+update) on a `Split`, with a loss function that may use a frozen auxiliary
+pytree (a teacher `Model` for distillation). The step is one `jax.jit` over a
+`data` mesh of all devices: the batch is split, parameters replicated or
+FSDP-sharded. With a `workdir`, an orbax `CheckpointManager` saves the state
+every `checkpoint_every` steps; a killed run started again with the same
+arguments resumes from the last save and ends with bit-identical parameters,
+because the batch and the random key of step s depend only on (seed, s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from vitjax import data as data_lib
+from vitjax import leaves, sharding
+from vitjax.model import Model, apply
+
+PyTree = Any
+Metrics = dict[str, jax.Array]
+# (model, images (preprocessed), labels, rng, aux) -> (loss, metrics)
+LossFn = Callable[[Model, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Metrics]]
+# (params, step after the update) -> params, e.g. a gradual pruning schedule
+PostUpdate = Callable[[PyTree, jax.Array], PyTree]
+
+STATE_DIR = "train_state"
+META_FILE = "train_meta.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimization settings (AdamW, linear warmup then cosine decay).
+
+  Attributes:
+    steps: total optimizer steps.
+    batch_size: global batch (split over all devices).
+    learning_rate: peak learning rate.
+    end_lr_ratio: final learning rate as a fraction of the peak.
+    warmup_steps: linear warmup length.
+    weight_decay: AdamW decoupled decay on matrices (not on norms, biases,
+      position or class embeddings).
+    label_smoothing: in [0, 1).
+    grad_clip: global-norm clip (0 disables).
+    crop_pad: random-crop padding in pixels (0 disables cropping).
+    flip: random horizontal flips.
+    seed: seeds batch order, augmentation and any loss randomness.
+    checkpoint_every: save the state every this many steps (with a workdir).
+    fsdp: shard parameters and optimizer state over devices.
+    log_every: refresh the progress bar metrics every this many steps.
+  """
+
+  steps: int
+  batch_size: int = 128
+  learning_rate: float = 1e-3
+  end_lr_ratio: float = 0.01
+  warmup_steps: int = 100
+  weight_decay: float = 0.05
+  label_smoothing: float = 0.1
+  grad_clip: float = 1.0
+  crop_pad: int = 0
+  flip: bool = False
+  seed: int = 0
+  checkpoint_every: int = 500
+  fsdp: bool = False
+  log_every: int = 20
+
+  def __post_init__(self) -> None:
+    for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if not self.learning_rate > 0:
+      raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
+    if not 0 <= self.warmup_steps < self.steps:
+      raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps} must be in "
+                       f"0..steps-1={self.steps - 1}")
+    if not 0 <= self.label_smoothing < 1:
+      raise ValueError(f"TrainConfig.label_smoothing must be in [0, 1), got "
+                       f"{self.label_smoothing}")
+    if not 0 <= self.end_lr_ratio <= 1:
+      raise ValueError(f"TrainConfig.end_lr_ratio must be in [0, 1], got {self.end_lr_ratio}")
+    if self.weight_decay < 0 or self.grad_clip < 0 or self.crop_pad < 0:
+      raise ValueError("TrainConfig.weight_decay, grad_clip and crop_pad must be >= 0")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@flax.struct.dataclass
+class TrainState:
+  params: PyTree
+  opt_state: PyTree
+  step: jax.Array
+
+
+# ------------------------------------------------------------------- losses
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
+  """Mean softmax cross-entropy against one-hot labels smoothed by `smoothing`."""
+  n = logits.shape[-1]
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, n), smoothing) if smoothing else \
+      jax.nn.one_hot(labels, n)
+  return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def classification_loss(label_smoothing: float = 0.0) -> LossFn:
+  """Cross-entropy on the logits (both heads of a DeiT get the true label)."""
+  def loss_fn(model: Model, images: jax.Array, labels: jax.Array,
+              rng: jax.Array, aux: Any) -> tuple[jax.Array, Metrics]:
+    del rng, aux
+    if model.config.distilled:
+      cls_logits, dist_logits = apply(model, images, heads="both")
+      loss = (cross_entropy(cls_logits, labels, label_smoothing) +
+              cross_entropy(dist_logits, labels, label_smoothing)) / 2
+      logits = (cls_logits + dist_logits) / 2
+    else:
+      logits = apply(model, images)
+      loss = cross_entropy(logits, labels, label_smoothing)
+    accuracy = (logits.argmax(-1) == labels).mean()
+    return loss, {"loss": loss, "accuracy": accuracy}
+  return loss_fn
+
+
+# ------------------------------------------------------- trainable partition
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+  """Which flattened leaves of a params tree the optimizer owns."""
+
+  treedef: Any
+  trainable: tuple[bool, ...]
+  decay: tuple[bool, ...]
+
+  @classmethod
+  def of(cls, params: PyTree) -> Partition:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    mask = jax.tree_util.tree_leaves(leaves.trainable_mask(params))
+    if len(mask) != len(flat):
+      raise ValueError("a leaf type's `trainable` rule does not match its arrays")
+    no_decay = ("pos_embedding", "cls", "dist")
+    decay = tuple(
+        bool(m) and np.ndim(x) >= 2 and
+        not any(getattr(k, "key", None) in no_decay for k in path)
+        for (path, x), m in zip(flat, mask))
+    return cls(treedef, tuple(bool(m) for m in mask), decay)
+
+  def split(self, params: PyTree) -> tuple[list, list]:
+    flat = self.treedef.flatten_up_to(params)
+    train = [x for x, t in zip(flat, self.trainable) if t]
+    frozen = [x for x, t in zip(flat, self.trainable) if not t]
+    return train, frozen
+
+  def merge(self, train: list, frozen: list) -> PyTree:
+    it_train, it_frozen = iter(train), iter(frozen)
+    flat = [next(it_train) if t else next(it_frozen) for t in self.trainable]
+    return self.treedef.unflatten(flat)
+
+  def decay_mask(self) -> list[bool]:
+    return [d for d, t in zip(self.decay, self.trainable) if t]
+
+
+def make_optimizer(cfg: TrainConfig, decay_mask: list[bool]) -> optax.GradientTransformation:
+  """AdamW with warmup-cosine schedule and optional global-norm clipping."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, cfg.warmup_steps, cfg.steps,
+      end_value=cfg.learning_rate * cfg.end_lr_ratio)
+  parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
+  parts.append(optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask))
+  return optax.chain(*parts)
+
+
+# --------------------------------------------------------------------- step
+
+
+def make_train_step(model: Model, cfg: TrainConfig, partition: Partition,
+                    optimizer: optax.GradientTransformation, loss_fn: LossFn,
+                    post_update: PostUpdate | None) -> Callable:
+  """The pure update `(state, images, labels, aux) -> (state, metrics)`."""
+  config = model.config
+  base_key = jax.random.PRNGKey(cfg.seed)
+
+  def step(state: TrainState, images: jax.Array, labels: jax.Array, aux: Any):
+    rng = jax.random.fold_in(base_key, state.step)
+    aug_rng, loss_rng = jax.random.split(rng)
+    x = data_lib.preprocess(images, config)
+    if cfg.crop_pad or cfg.flip:
+      x = data_lib.augment(aug_rng, x, cfg.crop_pad, cfg.flip)
+    train, frozen = partition.split(state.params)
+
+    def objective(train_leaves):
+      params = partition.merge(train_leaves, frozen)
+      return loss_fn(Model(config, params), x, labels, loss_rng, aux)
+
+    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(train)
+    updates, opt_state = optimizer.update(grads, state.opt_state, train)
+    train = optax.apply_updates(train, updates)
+    params = leaves.constrain_tree(partition.merge(train, frozen))
+    if post_update is not None:
+      params = post_update(params, state.step + 1)
+    return TrainState(params, opt_state, state.step + 1), metrics
+
+  return step
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _check_meta(workdir: pathlib.Path, meta: dict[str, Any]) -> None:
+  path = workdir / META_FILE
+  if path.exists():
+    saved = json.loads(path.read_text())
+    diffs = [f"{k}: saved {saved.get(k)!r} vs now {v!r}" for k, v in meta.items()
+             if saved.get(k) != v]
+    if diffs:
+      raise ValueError(
+          f"the training state in {workdir} was written for a different run ("
+          + "; ".join(diffs) + "); use a fresh workdir or the same settings")
+  else:
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def _manager(workdir: pathlib.Path, cfg: TrainConfig) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=2, save_interval_steps=cfg.checkpoint_every, create=True)
+  return ocp.CheckpointManager(workdir.resolve() / STATE_DIR, options=options)
+
+
+# ---------------------------------------------------------------------- fit
+
+
+def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
+        workdir: str | pathlib.Path | None = None,
+        loss_fn: LossFn | None = None, aux: Any = None,
+        post_update: PostUpdate | None = None,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+        mesh: jax.sharding.Mesh | None = None, progress: bool = True,
+        run_name: str = "train", desc: str = "train") -> Model:
+  """Trains `model` for `cfg.steps` steps on `split`; returns the trained Model.
+
+  Args:
+    model: the model to train; its compressed leaves keep their constraints.
+    split: training images (uint8 or float, (N, H, W, C)) and labels.
+    cfg: optimization settings.
+    workdir: where the orbax state and run metadata live; a run started again
+      with the same workdir resumes from the last saved step (and returns at
+      once if it had finished).
+    loss_fn: defaults to `classification_loss(cfg.label_smoothing)`.
+    aux: a frozen pytree handed to `loss_fn` (e.g. the teacher Model).
+    post_update: applied to the params after every update.
+    on_step: called with (step, host metrics) every `cfg.log_every` steps.
+    mesh: defaults to a `data` mesh over all devices.
+    progress: show a tqdm bar with loss, accuracy and images/s.
+    run_name: recorded in the workdir metadata; a resume must match it.
+
+  Raises:
+    ValueError: bad shapes, a batch size the devices do not divide, or a
+      workdir written by a different run.
+  """
+  data_lib.check_compatible(split.images.shape[1:], int(split.labels.max()) + 1,
+                            model.config)
+  mesh = mesh or sharding.make_mesh()
+  sharding.check_batch_size(cfg.batch_size, mesh)
+  if cfg.batch_size > len(split):
+    raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(split)} training images")
+  loss_fn = loss_fn or classification_loss(cfg.label_smoothing)
+  partition = Partition.of(model.params)
+  optimizer = make_optimizer(cfg, partition.decay_mask())
+  train_leaves, _ = partition.split(model.params)
+  state = TrainState(model.params, optimizer.init(train_leaves), jnp.zeros((), jnp.int32))
+
+  manager = None
+  start = 0
+  if workdir is not None:
+    workdir = pathlib.Path(workdir)
+    _check_meta(workdir, {"run": run_name, "model": model.config.to_dict(),
+                          "train": cfg.to_dict()})
+    manager = _manager(workdir, cfg)
+    latest = manager.latest_step()
+    if latest is not None:
+      abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+      state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+      start = int(latest)
+
+  state_sharding = TrainState(
+      sharding.param_shardings(state.params, mesh, cfg.fsdp),
+      sharding.param_shardings(state.opt_state, mesh, cfg.fsdp),
+      sharding.replicated(mesh))
+  state = jax.device_put(state, state_sharding)
+  aux = jax.device_put(aux, sharding.replicated(mesh)) if aux is not None else None
+  step_fn = jax.jit(
+      make_train_step(model, cfg, partition, optimizer, loss_fn, post_update),
+      in_shardings=(state_sharding, sharding.batch_sharding(mesh),
+                    sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+
+  local = cfg.batch_size // jax.process_count()
+  lo = jax.process_index() * local
+  batches = data_lib.train_batches(split, cfg.batch_size, cfg.seed, start)
+  bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress,
+             dynamic_ncols=True, mininterval=1.0)
+  tick, seen = time.perf_counter(), 0
+  try:
+    for step in range(start, cfg.steps):
+      images, labels = next(batches)
+      batch = sharding.global_batch((images[lo:lo + local], labels[lo:lo + local]), mesh)
+      state, metrics = step_fn(state, *batch, aux)
+      seen += cfg.batch_size
+      if manager is not None:
+        manager.save(step + 1, args=ocp.args.StandardSave(state))
+      if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        host["img/s"] = seen / max(now - tick, 1e-9)
+        tick, seen = now, 0
+        bar.set_postfix({k: f"{v:.4g}" if k != "img/s" else f"{v:.0f}"
+                         for k, v in host.items()}, refresh=False)
+        if on_step is not None:
+          on_step(step + 1, host)
+      bar.update(1)
+  finally:
+    bar.close()
+    if manager is not None:
+      manager.wait_until_finished()
+  if manager is not None and manager.latest_step() != cfg.steps:
+    manager.save(cfg.steps, args=ocp.args.StandardSave(state), force=True)
+    manager.wait_until_finished()
+  if manager is not None:
+    manager.close()
+  return Model(model.config, jax.device_get(state.params))
+
+
+def steps_for_epochs(epochs: float, n: int, batch_size: int) -> int:
+  """Optimizer steps in `epochs` passes over `n` images (at least 1)."""
+  return max(1, math.ceil(epochs * data_lib.steps_per_epoch(n, batch_size)))
