@@ -31,6 +31,7 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vitjax import leaves
 from vitjax import model as model_lib
 from vitjax.model import Model
 from vitjax.models.config import ViTConfig
@@ -40,19 +41,8 @@ VERSION = 1
 META_FILE = "vitjax.json"
 ARRAYS_DIR = "arrays"
 
-# Leaf classes that may appear in a checkpoint, by name. Modules defining leaf
-# types register them with `register_leaf_type`.
-_LEAF_TYPES: dict[str, type] = {}
-
-
 class CheckpointError(Exception):
   """A checkpoint is missing, corrupt, truncated or of an unknown format."""
-
-
-def register_leaf_type(cls: type) -> type:
-  """Allows instances of dataclass `cls` in saved trees (use as a decorator)."""
-  _LEAF_TYPES[cls.__name__] = cls
-  return cls
 
 
 # -------------------------------------------------------------- array codecs
@@ -154,7 +144,7 @@ def _encode(node: Any, key: str, arrays: dict[str, np.ndarray],
     infos[name]["path"] = key
     return {"array": name}
   cls_name = type(node).__name__
-  if dataclasses.is_dataclass(node) and _LEAF_TYPES.get(cls_name) is type(node):
+  if dataclasses.is_dataclass(node) and leaves.storable_types().get(cls_name) is type(node):
     fields, static = {}, {}
     for f in dataclasses.fields(node):
       value = getattr(node, f.name)
@@ -164,7 +154,7 @@ def _encode(node: Any, key: str, arrays: dict[str, np.ndarray],
         fields[f.name] = _encode(value, f"{key}/{f.name}", arrays, infos)
     return {"type": cls_name, "fields": fields, "static": static}
   raise CheckpointError(f"cannot store {cls_name} at {key}: not an array, dict, list "
-                        f"or registered leaf type {sorted(_LEAF_TYPES)}")
+                        f"or registered leaf type {sorted(leaves.storable_types())}")
 
 
 def _decode(desc: Any, arrays: dict[str, np.ndarray]) -> Any:
@@ -176,10 +166,10 @@ def _decode(desc: Any, arrays: dict[str, np.ndarray]) -> Any:
     return [_decode(v, arrays) for v in desc["list"]]
   if "array" in desc:
     return arrays[desc["array"]]
-  cls = _LEAF_TYPES.get(desc.get("type"))
+  cls = leaves.storable_types().get(desc.get("type"))
   if cls is None:
     raise CheckpointError(f"checkpoint holds leaf type {desc.get('type')!r}, which this "
-                          f"vitjax does not know (known: {sorted(_LEAF_TYPES)})")
+                          f"vitjax does not know (known: {sorted(leaves.storable_types())})")
   kwargs = {k: _decode(v, arrays) for k, v in desc["fields"].items()}
   kwargs.update({k: _static_from_json(v) for k, v in desc["static"].items()})
   return cls(**kwargs)

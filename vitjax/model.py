@@ -74,6 +74,21 @@ def apply_with_intermediates(model: Model, images: jax.Array,
   return out, {"features": features, "attention": attention}
 
 
+def linear_inputs(model: Model, images: jax.Array) -> dict[str, jax.Array]:
+  """Layer path -> the input of that linear layer, for one forward pass."""
+  _, state = model.module.apply({"params": model.params}, images,
+                                mutable=["linear_inputs"])
+  out = {}
+  def walk(node: dict, prefix: str) -> None:
+    for key, value in node.items():
+      if key == "x":
+        out[prefix] = value[0]
+      else:
+        walk(value, f"{prefix}/{key}" if prefix else key)
+  walk(state["linear_inputs"], "")
+  return out
+
+
 # ---------------------------------------------------------------- structure
 
 

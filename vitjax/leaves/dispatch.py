@@ -2,7 +2,8 @@
 
 A weight leaf of the parameter tree is either a plain array or a compressed
 leaf type (quantized, low-rank, masked; see `vitjax.leaves_*` modules). Each
-leaf type registers how it multiplies with `matmul.register`, so the model code
+leaf type registers how it multiplies with `weight_matmul.register`, so the
+model code
 never branches on how a layer was compressed, and a new compression method is a
 new leaf type plus a transform.
 """
@@ -10,7 +11,7 @@ new leaf type plus a transform.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +19,11 @@ import numpy as np
 
 
 @functools.singledispatch
-def matmul(x: jax.Array, w: Any) -> jax.Array:
-  """Returns `x @ w` contracting the last axis of `x` with the first of `w`.
+def weight_matmul(w: Any, x: jax.Array) -> jax.Array:
+  """Returns `x @ w`; dispatches on the type of the weight `w`.
 
-  Dispatches on the type of `w`; this default handles plain arrays.
+  Leaf types register their implementation with `weight_matmul.register`.
+  This default handles plain arrays.
 
   Raises:
     TypeError: `w` is neither an array nor a registered leaf type.
@@ -32,6 +34,12 @@ def matmul(x: jax.Array, w: Any) -> jax.Array:
         f"one of the registered leaf types {registered_leaf_types()}")
   w = w.astype(x.dtype) if w.dtype != x.dtype else w
   return jnp.matmul(x, w)
+
+
+def matmul(x: jax.Array, w: Any) -> jax.Array:
+  """Returns `x @ w` contracting the last axis of `x` with the first of `w`,
+  for a weight `w` of any registered leaf type."""
+  return weight_matmul(w, x)
 
 
 def linear(x: jax.Array, w: Any, b: jax.Array | None = None) -> jax.Array:
@@ -61,6 +69,17 @@ def constrain(leaf: Any) -> Any:
   return leaf
 
 
+@functools.singledispatch
+def map_weights(leaf: Any, fn: Callable[[Any], Any]) -> Any:
+  """Applies `fn` to the dense weight(s) inside `leaf` and rebuilds it.
+
+  A plain array or a quantized leaf is itself the weight; composite leaves
+  (low-rank factors, masked values) register how `fn` reaches their parts, so
+  quantizing a low-rank layer quantizes both factors.
+  """
+  return fn(leaf)
+
+
 def constrain_tree(params: Any) -> Any:
   """Applies `constrain` to every weight leaf of `params`."""
   return jax.tree_util.tree_map(constrain, params, is_leaf=is_compressed)
@@ -68,12 +87,27 @@ def constrain_tree(params: Any) -> Any:
 
 def is_compressed(x: Any) -> bool:
   """True for instances of registered compressed leaf types."""
-  return type(x) in matmul.registry and type(x) is not object
+  return type(x) in weight_matmul.registry and type(x) is not object
+
+
+_STORABLE: dict[str, type] = {}
+
+
+def register_storable(cls: type) -> type:
+  """Allows dataclass `cls` (a leaf type, or a type nested in one) in saved
+  checkpoints; used as a class decorator."""
+  _STORABLE[cls.__name__] = cls
+  return cls
+
+
+def storable_types() -> dict[str, type]:
+  """Name -> class of every dataclass a checkpoint may hold."""
+  return dict(_STORABLE)
 
 
 def registered_leaf_types() -> list[str]:
   """Names of the compressed leaf types `linear` accepts besides arrays."""
-  return sorted(t.__name__ for t in matmul.registry if t is not object)
+  return sorted(t.__name__ for t in weight_matmul.registry if t is not object)
 
 
 def trainable_mask(params: Any) -> Any:

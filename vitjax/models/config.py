@@ -19,6 +19,8 @@ class ViTConfig:
     depth: number of encoder blocks.
     num_heads: attention heads of an unpruned block; `dim` must divide by it.
     mlp_dim: hidden width of an unpruned block's MLP.
+    pool: how the class head reads the tokens: "tok" (a class token) or "gap"
+      (the mean of the patch tokens, no class token).
     distilled: DeiT: add a distillation token and a second head.
     block_heads: per-block head counts after structured pruning (empty: all
       blocks have `num_heads`). The width of one head stays `dim // num_heads`.
@@ -35,6 +37,7 @@ class ViTConfig:
   depth: int = 6
   num_heads: int = 4
   mlp_dim: int = 256
+  pool: str = "tok"
   distilled: bool = False
   block_heads: tuple[int, ...] = ()
   block_mlp_dims: tuple[int, ...] = ()
@@ -54,6 +57,8 @@ class ViTConfig:
       raise ValueError(
           f"ViTConfig.image_size={self.image_size} is not divisible by "
           f"patch_size={self.patch_size}")
+    if self.pool not in ("tok", "gap"):
+      raise ValueError(f"ViTConfig.pool must be 'tok' or 'gap', got {self.pool!r}")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(
           f"ViTConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
@@ -83,8 +88,8 @@ class ViTConfig:
 
   @property
   def num_prefix_tokens(self) -> int:
-    """Class token, plus the distillation token for DeiT."""
-    return 2 if self.distilled else 1
+    """Class token (pool "tok"), plus the distillation token for DeiT."""
+    return int(self.pool == "tok") + int(self.distilled)
 
   @property
   def num_tokens(self) -> int:

@@ -7,9 +7,10 @@ Parameter names follow big_vision's `vit.py` (`embedding`, `cls`, `dist`,
 polymorphic `vitjax.leaves.linear`: a kernel may be a plain array or any
 compressed leaf, and nothing here changes.
 
-Two sown intermediates support distillation and calibration: each block's
-output tokens (`features`) and attention probabilities (`attention`); they are
-recorded only when `apply` is called with `mutable=["intermediates"]`.
+Sown intermediates support distillation and calibration: each block's output
+tokens (`features`) and attention probabilities (`attention`) in the
+`intermediates` collection, and every linear layer's input in `linear_inputs`;
+each is recorded only when `apply` is called with that collection mutable.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Linear(nn.Module):
     if self.is_initializing():
       self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
       self.param("bias", self.bias_init, (self.features,))
+    self.sow("linear_inputs", "x", x)  # recorded only for calibration
     return leaves.linear(x, self.get_variable("params", "kernel"),
                          self.get_variable("params", "bias"))
 
@@ -127,7 +129,10 @@ def patchify(images: jax.Array, patch: int) -> jax.Array:
 
 
 class VisionTransformer(nn.Module):
-  """ViT (class token) or DeiT (class + distillation tokens, two heads).
+  """ViT (class token or mean pooling) or DeiT (plus a distillation token and
+  a second head).
+
+  Token order: [cls (pool "tok")] [dist (DeiT)] patches.
 
   `__call__(images, heads="mean")` returns logits of shape (B, classes); for a
   DeiT, `heads="mean"` averages the two heads (inference) and `heads="both"`
@@ -143,7 +148,9 @@ class VisionTransformer(nn.Module):
     x = Linear(cfg.dim, name="embedding")(
         patchify(images.astype(dtype), cfg.patch_size))
     b = x.shape[0]
-    prefix = [self.param("cls", nn.initializers.zeros, (1, 1, cfg.dim))]
+    prefix = []
+    if cfg.pool == "tok":
+      prefix.append(self.param("cls", nn.initializers.zeros, (1, 1, cfg.dim)))
     if cfg.distilled:
       prefix.append(self.param("dist", nn.initializers.zeros, (1, 1, cfg.dim)))
     prefix = [jnp.broadcast_to(p.astype(dtype), (b, 1, cfg.dim)) for p in prefix]
@@ -153,10 +160,12 @@ class VisionTransformer(nn.Module):
     x = x + pos.astype(dtype)
     x = Encoder(cfg, name="Transformer")(x)
     zero = nn.initializers.zeros
-    logits = Linear(cfg.num_classes, kernel_init=zero, name="head")(x[:, 0])
+    pooled = x[:, 0] if cfg.pool == "tok" else x[:, cfg.num_prefix_tokens:].mean(axis=1)
+    logits = Linear(cfg.num_classes, kernel_init=zero, name="head")(pooled)
     if not cfg.distilled:
       return logits.astype(jnp.float32)
-    dist = Linear(cfg.num_classes, kernel_init=zero, name="head_dist")(x[:, 1])
+    dist_token = x[:, cfg.num_prefix_tokens - 1]
+    dist = Linear(cfg.num_classes, kernel_init=zero, name="head_dist")(dist_token)
     logits, dist = logits.astype(jnp.float32), dist.astype(jnp.float32)
     if heads == "both":
       return logits, dist

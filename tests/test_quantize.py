@@ -1,0 +1,304 @@
+"""Quantization: AQT leaves, integer arithmetic, calibration, QAT, storage."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from helpers import TINY, synthetic_split
+from vitjax import data as data_lib
+from vitjax import export, leaves
+from vitjax import model as model_lib
+from vitjax.leaves import FakeQuantWeight, QuantizedWeight
+from vitjax.leaves.quantized import quantize_per_channel
+from vitjax.transforms import calibrate, chain, only
+from vitjax.transforms import quantize as q
+
+
+def _noisy_model(seed=0):
+  """A TINY model whose weights are all non-trivial (the init zeroes the head)."""
+  m = model_lib.init(TINY, seed)
+  leaves_, treedef = jax.tree_util.tree_flatten(m.params)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves_))
+  noisy = [a + 0.2 * jax.random.normal(k, a.shape) for a, k in zip(leaves_, keys)]
+  return m.replace(params=jax.tree_util.tree_unflatten(treedef, noisy))
+
+
+def _images(n=6, seed=0):
+  return jax.random.normal(jax.random.PRNGKey(seed), (n, 8, 8, 1))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_round_trip_error_is_at_most_half_a_step_per_channel(bits):
+  w = jax.random.normal(jax.random.PRNGKey(bits), (64, 24)) * jnp.linspace(0.1, 3, 24)
+  qt = quantize_per_channel(w, bits)
+  scale = np.asarray(qt.scale[0])
+  assert scale.shape == (1, 24)
+  err = np.abs(np.asarray(w) - np.asarray(qt.dequant()))
+  assert np.all(err <= scale / 2 + 1e-6)
+  values = np.asarray(qt.qvalue).astype(np.int32)
+  assert qt.qvalue.dtype == (jnp.int4 if bits == 4 else jnp.int8)
+  assert values.min() >= -(2 ** (bits - 1) - 1) and values.max() <= 2 ** (bits - 1) - 1
+  assert np.all(np.abs(values).max(0) == 2 ** (bits - 1) - 1)  # each channel uses its range
+
+
+def _static_leaf(w, act_scale, shift=None):
+  leaf = QuantizedWeight(quantize_per_channel(w, 8), bits=8, activations="static")
+  return leaf.replace(act_scale=jnp.float32(act_scale),
+                      act_shift=None if shift is None else jnp.float32(shift))
+
+
+def test_static_int8_matmul_equals_numpy_integer_reference_exactly():
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.normal(size=(32, 16)).astype(np.float32))
+  x = jnp.asarray(rng.normal(size=(3, 5, 32)).astype(np.float32))
+  leaf = _static_leaf(w, 3.0 / 127.5)
+  got = np.asarray(jax.jit(leaves.matmul)(x, leaf))
+  wq = np.asarray(leaf.qt.qvalue).astype(np.int32)
+  sw = np.asarray(leaf.qt.scale[0])
+  xq = np.clip(np.round(np.asarray(x) / np.float32(3.0 / 127.5)), -127, 127).astype(np.int32)
+  acc = np.einsum("btk,kn->btn", xq, wq)  # exact int32 accumulation
+  want = acc.astype(np.float32) * np.float32(3.0 / 127.5) * sw
+  np.testing.assert_array_equal(got, want)
+
+
+def test_static_int8_with_shift_subtracts_the_shift_exactly():
+  rng = np.random.default_rng(1)
+  w = jnp.asarray(rng.normal(size=(32, 16)).astype(np.float32))
+  x = jnp.asarray(rng.uniform(-0.2, 3.0, size=(4, 32)).astype(np.float32))  # post-GELU-like
+  leaf = _static_leaf(w, 1.6 / 127.5, shift=-1.4)
+  got = np.asarray(jax.jit(leaves.matmul)(x, leaf))
+  s = np.float32(1.6 / 127.5)
+  xq = np.clip(np.round((np.asarray(x) - np.float32(1.4)) / s), -127, 127).astype(np.int32)
+  wq = np.asarray(leaf.qt.qvalue).astype(np.int32)
+  sw = np.asarray(leaf.qt.scale[0])
+  want = (xq @ wq).astype(np.float32) * s * sw + np.float32(1.4) * (wq.sum(0) * sw[0])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got, np.asarray(x) @ np.asarray(w), atol=0.15)
+
+
+def test_dynamic_int8_matmul_matches_per_token_integer_reference():
+  rng = np.random.default_rng(2)
+  w = jnp.asarray(rng.normal(size=(32, 16)).astype(np.float32))
+  x = jnp.asarray(rng.normal(size=(2, 7, 32)).astype(np.float32) * np.arange(1, 8)[:, None])
+  leaf = QuantizedWeight(quantize_per_channel(w, 8), bits=8, activations="dynamic")
+  got = np.asarray(jax.jit(leaves.matmul)(x, leaf))
+  sx = np.abs(np.asarray(x)).max(-1, keepdims=True) / np.float32(127.5)  # per token
+  xq = np.clip(np.round(np.asarray(x) / sx), -127, 127).astype(np.int32)
+  wq = np.asarray(leaf.qt.qvalue).astype(np.int32)
+  want = (xq @ wq).astype(np.float32) * sx * np.asarray(leaf.qt.scale[0])
+  np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)
+
+
+def test_int8_dots_really_run_in_integers():
+  leaf = QuantizedWeight(quantize_per_channel(jnp.ones((32, 16)), 8), bits=8,
+                         activations="dynamic")
+  hlo = jax.jit(leaves.matmul).lower(jnp.ones((4, 32)), leaf).compile().as_text()
+  dots = [line for line in hlo.splitlines() if " dot(" in line]
+  assert dots and all("s32[" in line for line in dots)
+
+
+def test_zeroing_qvalue_changes_the_output():
+  """AQT's Flax SERVE silently re-quantizes a float kernel when its int entry is
+  missing; here the int values are the only copy of the weight."""
+  m = q.weight_only(8)(_noisy_model())
+  params = jax.tree_util.tree_map(lambda a: a, m.params)
+  dense = params["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]
+  dense["kernel"] = dense["kernel"].replace(
+      qt=dense["kernel"].qt.replace(qvalue=jnp.zeros_like(dense["kernel"].qt.qvalue)))
+  zeroed = m.replace(params=params)
+  assert not np.allclose(model_lib.apply(zeroed, _images()), model_lib.apply(m, _images()))
+
+
+def test_quantized_model_errors_order_by_bits():
+  m = _noisy_model()
+  ref = model_lib.apply(m, _images())
+  def rel_err(t):
+    got = jax.jit(model_lib.apply)(t(m), _images())
+    return float(jnp.abs(got - ref).max() / jnp.abs(ref).max())
+  int8, dyn, int4, int2 = (rel_err(t) for t in (q.weight_only(8), q.dynamic_int8(),
+                                                 q.weight_only(4), q.weight_only(2)))
+  assert int8 < 0.08 and dyn < 0.1
+  assert int8 < int4 < int2 and dyn < int4
+
+
+def test_every_linear_layer_is_quantized_and_bytes_shrink():
+  m = _noisy_model()
+  qm = q.weight_only(8)(m)
+  kernels = [leaf for path, leaf in model_lib.weight_leaves(qm.params) if path.endswith("kernel")]
+  assert len(kernels) == 2 + TINY.depth * 6 and all(isinstance(k, QuantizedWeight) for k in kernels)
+  n_kernel = sum(int(np.prod(k.shape)) for k in kernels)
+  saved = model_lib.stored_bytes(m) - model_lib.stored_bytes(qm)
+  assert saved == 3 * n_kernel - 4 * sum(k.shape[1] for k in kernels)  # 4 B -> 1 B, + scales
+  q4 = q.weight_only(4)(m)
+  assert model_lib.stored_bytes(m) - model_lib.stored_bytes(q4) == \
+      3.5 * n_kernel - 4 * sum(k.shape[1] for k in kernels)
+
+
+def test_layer_patterns_keep_embedding_and_head_in_float():
+  qm = q.weight_only(8, exclude=("embedding", "head"))(_noisy_model())
+  paths = dict(model_lib.weight_leaves(qm.params))
+  assert isinstance(paths["embedding/kernel"], jax.Array)
+  assert isinstance(paths["head/kernel"], jax.Array)
+  assert isinstance(paths["Transformer/encoderblock_1/MlpBlock_3/Dense_1/kernel"], QuantizedWeight)
+  only_mlp = only(r".*/MlpBlock_3/.*", q.weight_only(4))(_noisy_model())
+  paths = dict(model_lib.weight_leaves(only_mlp.params))
+  assert isinstance(paths["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"], QuantizedWeight)
+  assert isinstance(paths["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/key/kernel"],
+                    jax.Array)
+
+
+def test_histogram_calibrators_pick_the_expected_bounds():
+  x = np.random.default_rng(0).normal(size=1_000_000)
+  hist = calibrate.Histogram.of(x)
+  assert calibrate.choose_bound(hist, "minmax") == pytest.approx(np.abs(x).max())
+  # P(|x| > 3.89) = 1e-4 for a standard normal.
+  assert calibrate.choose_bound(hist, "percentile", percentile=99.99) == pytest.approx(3.89, abs=0.05)
+  # The MSE-optimal 8-bit clip of a Gaussian is about 3.9 sigma (Banner et al., ACIQ),
+  # for 4 bits about 2.55 sigma.
+  assert calibrate.choose_bound(hist, "mse", bits=8) == pytest.approx(3.9, abs=0.25)
+  assert calibrate.choose_bound(hist, "mse", bits=4) == pytest.approx(2.55, abs=0.15)
+  outliers = np.concatenate([np.random.default_rng(1).uniform(-1, 1, 100_000), [40.0]])
+  hist = calibrate.Histogram.of(outliers)
+  assert calibrate.choose_bound(hist, "minmax") == 40.0
+  assert calibrate.choose_bound(hist, "percentile", percentile=99.9) == pytest.approx(1.0, abs=0.03)
+
+
+def test_static_calibration_records_ranges_and_shifts_skewed_inputs():
+  m = _noisy_model()
+  calib = synthetic_split(64).images
+  layers = ["Transformer/encoderblock_0/MlpBlock_3/Dense_1", "embedding"]
+  stats = calibrate.collect(m, calib, layers, progress=False)
+  x = model_lib.linear_inputs(m, data_lib.preprocess(jnp.asarray(calib), TINY))
+  gelu_in = np.asarray(x[layers[0]])
+  assert stats[layers[0]].lo == pytest.approx(gelu_in.min(), rel=1e-5)
+  assert stats[layers[0]].hi == pytest.approx(gelu_in.max(), rel=1e-5)
+  assert stats[layers[0]].shift == pytest.approx(-(gelu_in.min() + gelu_in.max()) / 2)
+  assert stats[layers[0]].hist.counts.sum() == gelu_in.size
+  static = q.static_int8(calib, progress=False)(m)
+  leaf = dict(model_lib.weight_leaves(static.params))[layers[0] + "/kernel"]
+  assert leaf.activations == "static" and leaf.act_shift is not None
+  sym = q.static_int8(calib, symmetric=True, calibrator="minmax", progress=False)(m)
+  leaf = dict(model_lib.weight_leaves(sym.params))[layers[0] + "/kernel"]
+  assert leaf.act_shift is None
+  assert float(leaf.act_scale) == pytest.approx(np.abs(gelu_in).max() / 127.5, rel=1e-3)
+
+
+def test_qat_gradient_is_the_straight_through_gradient():
+  rng = np.random.default_rng(3)
+  w = jnp.asarray(rng.normal(size=(16, 8)).astype(np.float32))
+  x = jnp.asarray(rng.normal(size=(5, 16)).astype(np.float32))
+  g = jnp.asarray(rng.normal(size=(5, 8)).astype(np.float32))
+  leaf = FakeQuantWeight(w, bits=4, act_bits=8)
+  grad = jax.grad(lambda lf: (leaves.matmul(x, lf) * g).sum())(leaf).w
+  # STE: d round(.)/d. = 1, so dL/dw = fq(x)^T g with fq(x) the fake-quantized input.
+  sx = np.abs(np.asarray(x)).max(-1, keepdims=True) / 127.5
+  fq_x = np.clip(np.round(np.asarray(x) / sx), -127, 127) * sx
+  np.testing.assert_allclose(grad, fq_x.T @ np.asarray(g), rtol=1e-5, atol=1e-5)
+  # The forward pass is the fake-quantized product.
+  wq = quantize_per_channel(w, 4)
+  np.testing.assert_allclose(leaves.matmul(x, leaf), fq_x @ np.asarray(wq.dequant()),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_convert_qat_serves_the_same_forward_pass():
+  m = q.qat(4, 8)(_noisy_model())
+  assert leaves.trainable_mask(m.params)["head"]["kernel"].w is True
+  served = q.convert_qat()(m)
+  kernel = dict(model_lib.weight_leaves(served.params))["head/kernel"]
+  assert isinstance(kernel, QuantizedWeight) and kernel.qt.qvalue.dtype == jnp.int4
+  np.testing.assert_allclose(jax.jit(model_lib.apply)(served, _images()),
+                             jax.jit(model_lib.apply)(m, _images()), rtol=1e-4, atol=1e-4)
+
+
+def _stored_arrays(path):
+  checkpointer = ocp.StandardCheckpointer()
+  arrays = checkpointer.restore(path / export.ARRAYS_DIR)
+  checkpointer.close()
+  return arrays
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_checkpoint_stores_ints_and_no_float_copy(tmp_path, bits):
+  m = _noisy_model()
+  qm = q.dynamic_int8(bits=bits)(m)
+  disk = export.save_model(qm, tmp_path / "m")
+  stored = _stored_arrays(tmp_path / "m")
+  meta = export.read_metadata(tmp_path / "m")["arrays"]
+  kernel_shapes = {tuple(k.shape) for p, k in model_lib.weight_leaves(m.params)
+                   if p.endswith("kernel")}
+  for name, arr in stored.items():
+    if tuple(meta[name]["shape"]) in kernel_shapes and meta[name]["path"].endswith("qvalue"):
+      if bits == 8:
+        assert arr.dtype == np.int8 and arr.shape == tuple(meta[name]["shape"])
+      else:
+        assert arr.dtype == np.uint8 and arr.size == (np.prod(meta[name]["shape"]) + 1) // 2
+    # No float array shaped like a kernel anywhere: no shadow copy.
+    if arr.dtype.kind == "f":
+      assert tuple(arr.shape) not in kernel_shapes, meta[name]["path"]
+  back = export.load_model(tmp_path / "m")
+  np.testing.assert_array_equal(jax.jit(model_lib.apply)(back, _images()),
+                                jax.jit(model_lib.apply)(qm, _images()))
+  kernel = dict(model_lib.weight_leaves(back.params))["head/kernel"]
+  assert kernel.qt.qvalue.dtype == (jnp.int4 if bits == 4 else jnp.int8)
+  assert disk < export.save_model(m, tmp_path / "f")
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, 2.5])
+def test_bits_outside_2_to_8_are_refused(bits):
+  with pytest.raises(ValueError, match=r"bits=.* is outside the supported range 2..8"):
+    q.weight_only(bits)
+  with pytest.raises(ValueError, match=r"bits=.* is outside the supported range 2..8"):
+    q.qat(bits)
+
+
+def test_bad_calibration_sets_are_refused():
+  with pytest.raises(ValueError, match="calibration set is empty"):
+    q.static_int8(np.zeros((0, 8, 8, 1), np.uint8))
+  bad = np.zeros((4, 8, 8, 1), np.float32)
+  bad[1, 2, 3, 0] = np.nan
+  with pytest.raises(ValueError, match="calibration set holds NaN or inf"):
+    q.static_int8(bad)
+  bad[1, 2, 3, 0] = np.inf
+  with pytest.raises(ValueError, match="calibration set holds NaN or inf"):
+    q.static_int8(bad)
+  with pytest.raises(ValueError, match="calibrator='kl'"):
+    q.static_int8(np.zeros((4, 8, 8, 1), np.uint8), calibrator="kl")
+
+
+def test_pattern_that_matches_nothing_is_refused():
+  with pytest.raises(ValueError, match="layer pattern 'blocks/.*' matches no linear layer"):
+    only("blocks/.*", q.weight_only(8))(_noisy_model())
+  with pytest.raises(ValueError, match="matches no linear layer"):
+    q.weight_only(8, exclude="heads")(_noisy_model())
+
+
+def test_quantizing_twice_needs_requantize():
+  qm = q.weight_only(8)(_noisy_model())
+  with pytest.raises(ValueError, match="already quantized .*requantize=True"):
+    q.dynamic_int8()(qm)
+  again = q.dynamic_int8(requantize=True)(qm)
+  kernel = dict(model_lib.weight_leaves(again.params))["head/kernel"]
+  assert kernel.activations == "dynamic"
+  with pytest.raises(ValueError, match="set up for QAT"):
+    q.weight_only(8)(q.qat(4)(_noisy_model()))
+
+
+def test_chain_composes_quantizers_over_disjoint_layers():
+  t = chain(only(r".*/MlpBlock_3/.*", q.weight_only(4)),
+            q.dynamic_int8(exclude=r".*/MlpBlock_3/.*"))
+  paths = dict(model_lib.weight_leaves(t(_noisy_model()).params))
+  assert paths["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"].bits == 4
+  assert paths["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"].activations == "dynamic"
+
+
+def test_int4_values_survive_save_and_load_exactly(tmp_path):
+  w = jnp.asarray(np.tile(np.arange(-7, 8, dtype=np.float32)[:, None], (1, 16)))
+  leaf = QuantizedWeight(quantize_per_channel(w, 4), bits=4)
+  assert set(np.unique(np.asarray(leaf.qt.qvalue).astype(int))) == set(range(-7, 8))
+  packed = export.pack_int4(np.asarray(leaf.qt.qvalue))
+  np.testing.assert_array_equal(export.unpack_int4(packed, w.shape).astype(np.int8),
+                                np.asarray(leaf.qt.qvalue).astype(np.int8))
+  assert export.unpack_int4(packed, w.shape).dtype == ml_dtypes.int4

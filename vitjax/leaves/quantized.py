@@ -1,0 +1,151 @@
+"""Quantized weight leaves, multiplied through AQT's dot_general.
+
+`QuantizedWeight` holds AQT's own `QTensor` (int8 or int4 values and one float
+scale per output channel) and no float copy of the weight, so a checkpoint of
+it really shrinks; `linear` serves it by handing the QTensor to AQT's
+`dg_core` as the pre-quantized right-hand side (AQT's SERVE path). Activations
+are left in float (weight-only), quantized per token at run time (dynamic), or
+quantized with a scale fixed by calibration (static), optionally after a fixed
+shift that centers a skewed distribution (asymmetric; the shift's product with
+the weights is subtracted again exactly).
+
+`FakeQuantWeight` holds a float weight for quantization-aware training: its
+matmul is AQT's fake-quantized dot_general, whose custom VJP passes gradients
+straight through the rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from aqt.jax.v2 import aqt_quantizer, aqt_tensor
+from aqt.jax.v2 import config as aqt_config
+
+from vitjax.leaves.dispatch import register_storable, trainable, weight_matmul
+
+ACTIVATION_MODES = ("float", "dynamic", "static")
+
+register_storable(aqt_tensor.QTensor)
+
+
+def _dims(x: jax.Array) -> tuple:
+  """lax.dot_general dimension numbers of x (..., in) @ w (in, out)."""
+  return (((x.ndim - 1,), (0,)), ((), ()))
+
+
+def check_bits(bits: int, name: str = "bits") -> int:
+  """Returns `bits` if it is an int in 2..8, else raises ValueError naming `name`."""
+  if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+    raise ValueError(f"{name}={bits!r} is outside the supported range 2..8")
+  return bits
+
+
+def aqt_dot_general(act_bits: int | None, weight_bits: int) -> aqt_config.DotGeneral:
+  """AQT config: activations at `act_bits` (None: float), weights at `weight_bits`.
+
+  Deterministic rounding (no stochastic noise), float gradients.
+  """
+  return aqt_config.dot_general_make(lhs_bits=act_bits, rhs_bits=weight_bits,
+                                     bwd_bits=None)
+
+
+def quantize_per_channel(w: jax.Array, bits: int) -> aqt_tensor.QTensor:
+  """AQT's symmetric abs-max quantization of w (in, out), one scale per output.
+
+  Values are round-to-nearest in [-(2^(b-1) - 1), 2^(b-1) - 1], stored as int8
+  (int4 for 4 bits); |w - dequant| <= scale / 2 everywhere.
+  """
+  quantizer = aqt_quantizer.quantizer_make(check_bits(bits))
+  qt, _ = quantizer.quant(jnp.asarray(w, jnp.float32), calibration_axes=[0])
+  return qt.replace(scale_t=None)
+
+
+@register_storable
+@flax.struct.dataclass
+class QuantizedWeight:
+  """An int8/int4 weight (AQT `QTensor`) and how its layer treats activations.
+
+  Attributes:
+    qt: AQT QTensor; `qvalue` (in, out) int8 or int4, `scale` [(1, out)].
+    act_scale: static activation scale (scalar) when `activations == "static"`.
+    act_shift: static shift added to activations before quantization
+      (asymmetric static quantization), or None.
+    bits: weight bits (2..8).
+    activations: "float" (weight-only), "dynamic" or "static".
+    act_bits: activation bits for "dynamic" and "static".
+  """
+
+  qt: aqt_tensor.QTensor
+  act_scale: jax.Array | None = None
+  act_shift: jax.Array | None = None
+  bits: int = flax.struct.field(pytree_node=False, default=8)
+  activations: str = flax.struct.field(pytree_node=False, default="float")
+  act_bits: int = flax.struct.field(pytree_node=False, default=8)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.qt.qvalue.shape)
+
+  def dequantize(self) -> jax.Array:
+    """The float weight these int values and scales stand for."""
+    return self.qt.dequant()
+
+
+@weight_matmul.register
+def _quantized_matmul(w: QuantizedWeight, x: jax.Array) -> jax.Array:
+  act_bits = None if w.activations == "float" else w.act_bits
+  cfg = aqt_dot_general(act_bits, w.bits)
+  lhs_qt = None
+  if w.activations == "static":
+    if w.act_shift is not None:
+      x = x + w.act_shift.astype(x.dtype)
+    scale = jnp.reshape(w.act_scale, (1,) * x.ndim).astype(jnp.float32)
+    lhs_qt = aqt_tensor.QTensor(qvalue=None, scale=[scale], scale_t=None, bias=[],
+                                dequant_dtype=x.dtype)
+  # The float right-hand side is only a placeholder for AQT's calibration; the
+  # pre-quantized QTensor replaces it, and XLA drops the unused computation.
+  placeholder = jnp.zeros(w.shape, x.dtype)
+  y, _ = cfg.dg_core(x, placeholder, lhs_qt, w.qt.replace(dequant_dtype=x.dtype), _dims(x))
+  if w.activations == "static" and w.act_shift is not None:
+    colsum = (w.qt.qvalue.astype(jnp.float32).sum(0) * w.qt.scale[0][0]).astype(y.dtype)
+    y = y - w.act_shift.astype(y.dtype) * colsum
+  return y
+
+
+@register_storable
+@flax.struct.dataclass
+class FakeQuantWeight:
+  """A float weight trained through AQT fake quantization (QAT).
+
+  Attributes:
+    w: the float weight (in, out), trainable.
+    bits: weight bits of the forward pass.
+    act_bits: activation bits of the forward pass (None: float activations).
+  """
+
+  w: jax.Array
+  bits: int = flax.struct.field(pytree_node=False, default=8)
+  act_bits: int | None = flax.struct.field(pytree_node=False, default=None)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.w.shape)
+
+
+@weight_matmul.register
+def _fake_quant_matmul(w: FakeQuantWeight, x: jax.Array) -> jax.Array:
+  cfg = aqt_dot_general(w.act_bits, w.bits)
+  return cfg(x, w.w.astype(x.dtype), _dims(x))
+
+
+@trainable.register
+def _(w: QuantizedWeight) -> Any:
+  return jax.tree_util.tree_map(lambda _: False, w)
+
+
+@trainable.register
+def _(w: FakeQuantWeight) -> Any:
+  return w.replace(w=True)

@@ -1,0 +1,170 @@
+"""Activation ranges of linear-layer inputs, for static (W8A8) quantization.
+
+Two passes over the calibration images: the first records each layer input's
+min and max, which fix an optional centering shift (asymmetric quantization,
+for skewed inputs such as post-GELU activations) and the histogram range; the
+second fills a histogram of |x + shift| per layer. A calibrator then picks the
+clipping bound from the histogram:
+
+  minmax      the largest |x + shift| seen;
+  percentile  the bound below which `percentile` % of the values lie;
+  mse         the bound minimizing the expected squared quantization error
+              (clipping error above it, uniform rounding noise below it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from vitjax import data as data_lib
+from vitjax import model as model_lib
+from vitjax.model import Model
+
+CALIBRATORS = ("minmax", "percentile", "mse")
+BINS = 2048
+
+
+def quant_bound(bits: int) -> float:
+  """Largest |q| AQT maps a bound to (2^(bits-1) - 0.5, values clip at 2^(bits-1) - 1)."""
+  return 2.0 ** (bits - 1) - 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Histogram:
+  """Counts of |x| in `len(counts)` equal bins over [0, hi]."""
+
+  counts: np.ndarray
+  hi: float
+
+  @property
+  def edges(self) -> np.ndarray:
+    return np.linspace(0.0, self.hi, len(self.counts) + 1)
+
+  @classmethod
+  def of(cls, samples: np.ndarray, bins: int = BINS) -> Histogram:
+    """Histogram of |samples| over [0, max |samples|]."""
+    mags = np.abs(np.asarray(samples, np.float64)).reshape(-1)
+    hi = float(mags.max()) or 1.0
+    counts, _ = np.histogram(mags, bins=bins, range=(0.0, hi))
+    return cls(counts.astype(np.float64), hi)
+
+
+def choose_bound(hist: Histogram, calibrator: str, *, percentile: float = 99.99,
+                 bits: int = 8) -> float:
+  """The clipping bound `calibrator` picks from `hist` (scale = bound / quant_bound).
+
+  Raises:
+    ValueError: unknown calibrator, percentile outside (0, 100], empty histogram.
+  """
+  if calibrator not in CALIBRATORS:
+    raise ValueError(f"calibrator={calibrator!r}; choose one of {CALIBRATORS}")
+  total = hist.counts.sum()
+  if total <= 0:
+    raise ValueError("calibration histogram is empty")
+  edges = hist.edges
+  if calibrator == "minmax":
+    return float(hist.hi)
+  if calibrator == "percentile":
+    if not 0 < percentile <= 100:
+      raise ValueError(f"percentile={percentile} is outside (0, 100]")
+    cdf = np.cumsum(hist.counts) / total
+    i = int(np.searchsorted(cdf, percentile / 100.0 - 1e-12))
+    return float(edges[min(i, len(hist.counts) - 1) + 1])
+  # mse: expected error of every candidate bound, over bin centers.
+  centers = (edges[:-1] + edges[1:]) / 2
+  candidates = edges[len(edges) // 64:][1:]
+  step = candidates[:, None] / quant_bound(bits)
+  clipped = np.maximum(centers[None, :] - candidates[:, None], 0.0) ** 2
+  rounding = np.where(centers[None, :] < candidates[:, None], step ** 2 / 12, 0.0)
+  errors = ((clipped + rounding) * hist.counts[None, :]).sum(1)
+  return float(candidates[int(np.argmin(errors))])
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationStats:
+  """What calibration saw at one layer's input."""
+
+  lo: float
+  hi: float
+  shift: float
+  hist: Histogram
+
+
+def check_calibration_images(images: np.ndarray) -> None:
+  """Raises ValueError for an empty set or float images holding NaN or inf."""
+  if images is None or len(images) == 0:
+    raise ValueError("the calibration set is empty; pass at least one image")
+  if np.issubdtype(np.asarray(images).dtype, np.floating) and not np.isfinite(images).all():
+    raise ValueError("the calibration set holds NaN or inf values")
+
+
+def _batches(images: np.ndarray, batch_size: int) -> Iterable[np.ndarray]:
+  for start in range(0, len(images), batch_size):
+    yield images[start:start + batch_size]
+
+
+def collect(model: Model, images: np.ndarray, layers: list[str], *,
+            symmetric: bool | None = None, batch_size: int = 128, bins: int = BINS,
+            progress: bool = True) -> dict[str, ActivationStats]:
+  """Calibration statistics of the inputs of `layers` over `images`.
+
+  Args:
+    symmetric: True: no shift; False: shift every input to center its range;
+      None: shift only inputs whose range is skewed (|lo + hi| > (hi - lo) / 4).
+
+  Raises:
+    ValueError: empty calibration set, NaN/inf in images or activations.
+  """
+  check_calibration_images(images)
+  config = model.config
+
+  @jax.jit
+  def ranges(m: Model, x: jax.Array):
+    inputs = model_lib.linear_inputs(m, data_lib.preprocess(x, config))
+    return {k: (inputs[k].min(), inputs[k].max()) for k in layers}
+
+  @jax.jit
+  def histograms(m: Model, x: jax.Array, shift: dict, top: dict):
+    inputs = model_lib.linear_inputs(m, data_lib.preprocess(x, config))
+    out = {}
+    for k in layers:
+      mags = jnp.abs(inputs[k] + shift[k]).reshape(-1)
+      idx = jnp.clip((mags / top[k] * bins).astype(jnp.int32), 0, bins - 1)
+      out[k] = jnp.bincount(idx, length=bins)
+    return out
+
+  n_batches = -(-len(images) // batch_size)
+  bar = tqdm(total=2 * n_batches, desc="calibrate", disable=not progress,
+             dynamic_ncols=True)
+  lo = {k: np.inf for k in layers}
+  hi = {k: -np.inf for k in layers}
+  for batch in _batches(images, batch_size):
+    for k, (a, b) in jax.device_get(ranges(model, batch)).items():
+      lo[k], hi[k] = min(lo[k], float(a)), max(hi[k], float(b))
+    bar.update(1)
+  for k in layers:
+    if not (np.isfinite(lo[k]) and np.isfinite(hi[k])):
+      raise ValueError(f"the input of layer {k} is NaN or inf on the calibration set; "
+                       "check the model's weights")
+  shift, top = {}, {}
+  for k in layers:
+    skewed = abs(lo[k] + hi[k]) > (hi[k] - lo[k]) / 4
+    use_shift = (not symmetric) if symmetric is not None else skewed
+    shift[k] = -(lo[k] + hi[k]) / 2 if use_shift else 0.0
+    top[k] = max(abs(lo[k] + shift[k]), abs(hi[k] + shift[k])) or 1.0
+  counts = {k: np.zeros(bins) for k in layers}
+  args = ({k: jnp.float32(v) for k, v in shift.items()},
+          {k: jnp.float32(v) for k, v in top.items()})
+  for batch in _batches(images, batch_size):
+    for k, c in jax.device_get(histograms(model, batch, *args)).items():
+      counts[k] += c
+    bar.update(1)
+  bar.close()
+  return {k: ActivationStats(lo[k], hi[k], shift[k], Histogram(counts[k], top[k]))
+          for k in layers}
