@@ -1,4 +1,4 @@
-"""`vitjax` command line: train, eval (later issues add compression commands)."""
+"""`vitjax` command line: train, eval, quantize."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 from vitjax import data as data_lib
 from vitjax import evaluate, export, recipes
+from vitjax.transforms import calibrate, quantize
 from vitjax.models.config import PRESETS
 
 Command = Callable[[argparse.Namespace], int]
@@ -27,12 +28,6 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _load_data(args: argparse.Namespace) -> data_lib.Dataset:
   return data_lib.load(args.dataset, args.data_dir)
-
-
-def _print_report(name: str, r: evaluate.Report, disk: int | None) -> None:
-  print(evaluate.format_report(name, r))
-  if disk is not None:
-    print(f"{name}: checkpoint on disk {disk:,} bytes")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -52,8 +47,8 @@ def cmd_train(args: argparse.Namespace) -> int:
   start = time.perf_counter()
   model = recipes.train_teacher(run_dir, config, dataset, cfg, seed=args.seed)
   print(f"took {time.perf_counter() - start:.0f} s")
-  _print_report("teacher", evaluate.report(model, dataset.test),
-                export.disk_bytes(model_dir))
+  r = evaluate.report(model, dataset.test, disk_bytes=export.disk_bytes(model_dir))
+  print(evaluate.format_report("teacher [test]", r))
   return 0
 
 
@@ -63,10 +58,57 @@ def cmd_eval(args: argparse.Namespace) -> int:
   dataset = _load_data(args)
   data_lib.check_compatible(dataset.image_shape, dataset.num_classes, model.config)
   split = getattr(dataset, args.split)
-  r = evaluate.report(model, split)
-  _print_report(f"{model_dir} [{args.split}]", r, export.disk_bytes(model_dir))
+  r = evaluate.report(model, split, disk_bytes=export.disk_bytes(model_dir))
+  print(evaluate.format_report(f"{model_dir} [{args.split}]", r))
   if args.json:
-    print(json.dumps({**r.to_dict(), "disk_bytes": export.disk_bytes(model_dir)}))
+    print(json.dumps(r.to_dict()))
+  return 0
+
+
+QUANT_METHODS = ("weight-int8", "weight-int4", "dynamic-int8", "static-int8")
+
+
+def quantizer(method: str, dataset: data_lib.Dataset, *, calib: int, calibrator: str,
+              exclude: Sequence[str]) -> Callable:
+  """The quantization transform a CLI method name stands for."""
+  if method == "weight-int8":
+    return quantize.weight_only(8, exclude=exclude)
+  if method == "weight-int4":
+    return quantize.weight_only(4, exclude=exclude)
+  if method == "dynamic-int8":
+    return quantize.dynamic_int8(exclude=exclude)
+  if method == "static-int8":
+    if not 1 <= calib <= len(dataset.calibration):
+      raise ValueError(f"--calib {calib} is outside 1..{len(dataset.calibration)} "
+                       "(the calibration split's size)")
+    return quantize.static_int8(dataset.calibration.images[:calib], calibrator=calibrator,
+                                exclude=exclude)
+  raise ValueError(f"--method {method!r}; choose one of {QUANT_METHODS}")
+
+
+def _compare_and_print(models: dict, dataset: data_lib.Dataset, disk: dict[str, int],
+                       reference: str) -> dict[str, evaluate.Report]:
+  reports = evaluate.compare(models, dataset.test, disk_bytes=disk)
+  print(evaluate.format_table(reports, reference))
+  for note in evaluate.speed_notes(reports, reference):
+    print(note)
+  return reports
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+  model_dir = recipes.model_dir_of(args.checkpoint)
+  model = export.load_model(model_dir)
+  dataset = _load_data(args)
+  data_lib.check_compatible(dataset.image_shape, dataset.num_classes, model.config)
+  transform = quantizer(args.method, dataset, calib=args.calib,
+                        calibrator=args.calibrator, exclude=args.exclude)
+  quantized = transform(model)
+  out = pathlib.Path(args.out or f"{model_dir.parent}-{args.method}")
+  disk = export.save_model(quantized, out, overwrite=args.overwrite,
+                           metadata={"transform": args.method, "source": str(model_dir)})
+  print(f"wrote {out}")
+  _compare_and_print({"fp32": model, args.method: quantized}, dataset,
+                     {"fp32": export.disk_bytes(model_dir), args.method: disk}, "fp32")
   return 0
 
 
@@ -94,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true", help="also print the figures as JSON")
   _add_data_args(p)
   p.set_defaults(func=cmd_eval)
+
+  p = sub.add_parser("quantize", help="quantize a saved model with AQT and compare it")
+  p.add_argument("checkpoint", help="a run directory or its model/ directory")
+  p.add_argument("--method", required=True, choices=QUANT_METHODS)
+  p.add_argument("--calib", type=int, default=1024,
+                 help="calibration images for static-int8 (from the training split)")
+  p.add_argument("--calibrator", default="percentile", choices=calibrate.CALIBRATORS)
+  p.add_argument("--exclude", nargs="*", default=(),
+                 help="regex patterns of layers to keep in float, e.g. embedding head")
+  p.add_argument("--out", default=None, help="default: <run dir>-<method>")
+  p.add_argument("--overwrite", action="store_true")
+  _add_data_args(p)
+  p.set_defaults(func=cmd_quantize)
   return parser
 
 

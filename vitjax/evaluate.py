@@ -75,9 +75,35 @@ def throughput(model: Model, batch: int = 256, repeats: int = 10) -> float:
   return batch / time_call(forward_fn(model, batch), repeats=repeats, min_time=1.0)
 
 
+def side_by_side(models: dict[str, Model], batch: int, *, rounds: int = 5,
+                 calls: int = 5) -> dict[str, float]:
+  """Median seconds per batch-`batch` forward of each model, timed round-robin.
+
+  Every round times `calls` calls of each model in turn, so slow drift of the
+  machine (other load, frequency) hits all models alike; the result is the
+  median over rounds of the mean call time.
+  """
+  fns = {name: forward_fn(m, batch) for name, m in models.items()}
+  for fn in fns.values():
+    for _ in range(3):
+      jax.block_until_ready(fn())
+  samples: dict[str, list[float]] = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      for _ in range(calls):
+        jax.block_until_ready(fn())
+      samples[name].append((time.perf_counter() - t) / calls)
+  return {name: statistics.median(v) for name, v in samples.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Report:
-  """What one model measures; `bytes` are in-memory as stored (see `stored_bytes`)."""
+  """What one model measures.
+
+  `bytes` is the parameter storage as a vitjax checkpoint holds it;
+  `disk_bytes` the measured size of a saved checkpoint directory (or None).
+  """
 
   accuracy: float
   params: int
@@ -85,23 +111,70 @@ class Report:
   flops: int
   latency_ms: float
   throughput: float
+  disk_bytes: int | None = None
 
   def to_dict(self) -> dict[str, float]:
     return dataclasses.asdict(self)
 
 
-def report(model: Model, split: data_lib.Split, *, timing_batch: int = 256) -> Report:
-  """Accuracy on `split`, size, FLOPs, batch-1 latency and throughput."""
-  return Report(
-      accuracy=accuracy(model, split),
-      params=model_lib.param_count(model),
-      bytes=model_lib.stored_bytes(model),
-      flops=model_lib.flops_per_image(model),
-      latency_ms=latency(model) * 1e3,
-      throughput=throughput(model, timing_batch))
+def compare(models: dict[str, Model], split: data_lib.Split, *,
+            disk_bytes: dict[str, int] | None = None, timing_batch: int = 256,
+            rounds: int = 5) -> dict[str, Report]:
+  """Accuracy on `split` and size of each model; latency (batch 1) and
+  throughput (batch `timing_batch`) measured side by side in this process."""
+  lat = side_by_side(models, 1, rounds=rounds, calls=10)
+  thr = side_by_side(models, timing_batch, rounds=rounds, calls=2)
+  disk_bytes = disk_bytes or {}
+  return {name: Report(accuracy=accuracy(m, split), params=model_lib.param_count(m),
+                       bytes=model_lib.stored_bytes(m), flops=model_lib.flops_per_image(m),
+                       latency_ms=lat[name] * 1e3, throughput=timing_batch / thr[name],
+                       disk_bytes=disk_bytes.get(name))
+          for name, m in models.items()}
+
+
+def report(model: Model, split: data_lib.Split, *, disk_bytes: int | None = None,
+           timing_batch: int = 256) -> Report:
+  """`compare` for one model."""
+  return compare({"model": model}, split, timing_batch=timing_batch,
+                 disk_bytes={"model": disk_bytes} if disk_bytes else None)["model"]
+
+
+def speed_notes(reports: dict[str, Report], reference: str) -> list[str]:
+  """Plain sentences for every model slower than `reference` on this backend."""
+  backend = jax.default_backend()
+  ref = reports[reference]
+  notes = []
+  for name, r in reports.items():
+    if name == reference:
+      continue
+    lat = r.latency_ms / ref.latency_ms
+    thr = r.throughput / ref.throughput
+    if lat > 1.05 or thr < 1 / 1.05:
+      notes.append(
+          f"note: {name} is SLOWER than {reference} on this {backend} backend "
+          f"(batch-1 latency x{lat:.2f}, throughput x{thr:.2f}); what it saves here "
+          "is size, not time.")
+  return notes
+
+
+def format_table(reports: dict[str, Report], reference: str) -> str:
+  """A Markdown table of the reports with ratios to `reference`."""
+  ref = reports[reference]
+  size = lambda r: r.disk_bytes if r.disk_bytes is not None else r.bytes
+  lines = ["| model | top-1 % | Δ top-1 pt | params | bytes | size ratio | MFLOPs/img "
+           "| latency b=1 ms | speedup b=1 | img/s b=256 | throughput ratio |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for name, r in reports.items():
+    lines.append(
+        f"| {name} | {r.accuracy * 100:.2f} | {(r.accuracy - ref.accuracy) * 100:+.2f} "
+        f"| {r.params:,} | {size(r):,} | {size(r) / size(ref):.3f} | {r.flops / 1e6:.1f} "
+        f"| {r.latency_ms:.2f} | {ref.latency_ms / r.latency_ms:.2f}x "
+        f"| {r.throughput:.0f} | {r.throughput / ref.throughput:.2f}x |")
+  return "\n".join(lines)
 
 
 def format_report(name: str, r: Report) -> str:
+  disk = f"  on disk {r.disk_bytes:,} B" if r.disk_bytes is not None else ""
   return (f"{name}: top-1 {r.accuracy * 100:.2f}%  params {r.params:,}  "
-          f"bytes {r.bytes:,}  MFLOPs/img {r.flops / 1e6:.1f}  "
+          f"bytes {r.bytes:,}{disk}  MFLOPs/img {r.flops / 1e6:.1f}  "
           f"latency(b=1) {r.latency_ms:.2f} ms  throughput(b=256) {r.throughput:.0f} img/s")

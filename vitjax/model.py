@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitjax import leaves
+from vitjax.leaves import logical_shape
 from vitjax.models.config import ViTConfig
 from vitjax.models.vit import VisionTransformer
 
@@ -129,11 +131,6 @@ def expected_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
   return {p: tuple(leaf.shape) for p, leaf in weight_leaves(abstract)}
 
 
-def logical_shape(leaf: Any) -> tuple[int, ...]:
-  """Dense shape a leaf stands for (compressed leaves define `.shape`)."""
-  return tuple(np.shape(leaf)) if not hasattr(leaf, "shape") else tuple(leaf.shape)
-
-
 def check_params(config: ViTConfig, params: PyTree) -> None:
   """Raises ValueError naming the first path where `params` does not fit `config`.
 
@@ -176,8 +173,10 @@ def array_bits(arr: Any) -> int:
 
 
 def param_count(model: Model) -> int:
-  """Number of stored values (int8 and float alike), scales included."""
-  return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(model.params))
+  """Values the model really holds: int8 and float alike, quantization scales
+  included, pruned (masked-out) weights and masks excluded."""
+  return sum(leaves.value_count(leaf) for leaf in jax.tree_util.tree_leaves(
+      model.params, is_leaf=leaves.is_compressed))
 
 
 def stored_bytes(model: Model) -> int:

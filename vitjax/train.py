@@ -286,7 +286,9 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
   partition = Partition.of(model.params)
   optimizer = make_optimizer(cfg, partition.decay_mask())
   train_leaves, _ = partition.split(model.params)
-  state = TrainState(model.params, optimizer.init(train_leaves), jnp.zeros((), jnp.int32))
+  # The jitted step donates its input state; copy so the caller's model survives.
+  params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), model.params)
+  state = TrainState(params, optimizer.init(train_leaves), jnp.zeros((), jnp.int32))
 
   manager = None
   start = 0

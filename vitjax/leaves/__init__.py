@@ -1,12 +1,15 @@
 """Weight leaves of the parameter tree and the one `linear` that uses them."""
 
 from vitjax.leaves.dispatch import (constrain, constrain_tree, is_compressed,
-                                   linear, map_weights, matmul, register_storable,
-                                   registered_leaf_types, storable_types,
-                                   trainable, trainable_mask, weight_matmul)
+                                   linear, logical_shape, map_weights, matmul,
+                                   register_storable, registered_leaf_types,
+                                   storable_types, trainable, trainable_mask,
+                                   value_count, weight_matmul)
+from vitjax.leaves.lowrank import LowRank
+from vitjax.leaves.masked import Masked
 from vitjax.leaves.quantized import FakeQuantWeight, QuantizedWeight
 
-__all__ = ["FakeQuantWeight", "QuantizedWeight", "constrain", "constrain_tree",
-           "is_compressed", "linear", "map_weights", "matmul", "register_storable",
-           "registered_leaf_types", "storable_types", "trainable", "trainable_mask",
-           "weight_matmul"]
+__all__ = ["FakeQuantWeight", "LowRank", "Masked", "QuantizedWeight", "constrain",
+           "constrain_tree", "is_compressed", "linear", "logical_shape", "map_weights",
+           "matmul", "register_storable", "registered_leaf_types", "storable_types",
+           "trainable", "trainable_mask", "value_count", "weight_matmul"]

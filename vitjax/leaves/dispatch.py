@@ -42,6 +42,11 @@ def matmul(x: jax.Array, w: Any) -> jax.Array:
   return weight_matmul(w, x)
 
 
+def logical_shape(leaf: Any) -> tuple[int, ...]:
+  """Dense shape a leaf stands for (compressed leaves define `.shape`)."""
+  return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
+
+
 def linear(x: jax.Array, w: Any, b: jax.Array | None = None) -> jax.Array:
   """Returns `x @ w + b` for any weight leaf `w` (see `matmul`)."""
   y = matmul(x, w)
@@ -78,6 +83,13 @@ def map_weights(leaf: Any, fn: Callable[[Any], Any]) -> Any:
   quantizing a low-rank layer quantizes both factors.
   """
   return fn(leaf)
+
+
+@functools.singledispatch
+def value_count(leaf: Any) -> int:
+  """How many values the leaf really holds: kept (unmasked) values, factor
+  entries, int values plus scales; an array's size."""
+  return int(np.prod(np.shape(leaf)))
 
 
 def constrain_tree(params: Any) -> Any:

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from aqt.jax.v2 import aqt_quantizer, aqt_tensor
 from aqt.jax.v2 import config as aqt_config
 
-from vitjax.leaves.dispatch import register_storable, trainable, weight_matmul
+from vitjax.leaves.dispatch import (register_storable, trainable, value_count,
+                                   weight_matmul)
 
 ACTIVATION_MODES = ("float", "dynamic", "static")
 
@@ -149,3 +150,8 @@ def _(w: QuantizedWeight) -> Any:
 @trainable.register
 def _(w: FakeQuantWeight) -> Any:
   return w.replace(w=True)
+
+
+@value_count.register
+def _(w: QuantizedWeight) -> int:
+  return sum(int(a.size) for a in jax.tree_util.tree_leaves(w))

@@ -26,7 +26,7 @@ Patterns = str | Sequence[str]
 
 ALL = (".*",)
 EMBEDDING = ("embedding",)
-HEADS = ("head", "head_dist")
+HEADS = "head(_dist)?"
 ATTENTION = (r"Transformer/encoderblock_\d+/MultiHeadDotProductAttention_1/.*",)
 MLP = (r"Transformer/encoderblock_\d+/MlpBlock_3/.*",)
 

@@ -1,0 +1,81 @@
+"""`Masked(w, mask)`: a pruned weight, values beside a boolean keep-mask.
+
+The layer multiplies by `w * mask`. Training updates `w` only (the mask is not
+trainable), and `constrain` re-applies `w * mask` after every update, so pruned
+weights stay exactly zero through fine-tuning (the optax/jaxpruner way). The
+values may be quantized afterwards (`map_weights`): zero quantizes to zero, so
+the pattern survives, and the mask is still there to say where it is.
+On disk the mask takes one bit per value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitjax.leaves.dispatch import (constrain, logical_shape, map_weights, matmul,
+                                   register_storable, trainable, value_count,
+                                   weight_matmul)
+from vitjax.leaves.quantized import FakeQuantWeight
+
+
+@register_storable
+@flax.struct.dataclass
+class Masked:
+  """Values `w` (any weight leaf) and a boolean `mask` of the same shape."""
+
+  w: Any
+  mask: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return logical_shape(self.w)
+
+  @property
+  def sparsity(self) -> float:
+    """Fraction of pruned (masked-out) values."""
+    return 1.0 - float(jnp.mean(self.mask))
+
+
+def masked_values(w: Any, mask: jax.Array) -> Any:
+  """`w` with the entries outside `mask` set to zero.
+
+  Float arrays and QAT weights are masked; quantized values were made from an
+  already masked weight, so their pruned entries are zero and stay so.
+  """
+  if isinstance(w, (jax.Array, np.ndarray)):
+    return jnp.where(mask, w, 0).astype(w.dtype)
+  if isinstance(w, FakeQuantWeight):
+    return w.replace(w=jnp.where(mask, w.w, 0).astype(w.w.dtype))
+  return w
+
+
+@weight_matmul.register
+def _(w: Masked, x: jax.Array) -> jax.Array:
+  return matmul(x, masked_values(w.w, w.mask))
+
+
+@trainable.register
+def _(w: Masked) -> Any:
+  return Masked(trainable(w.w), False)
+
+
+@constrain.register
+def _(w: Masked) -> Any:
+  return w.replace(w=masked_values(w.w, w.mask))
+
+
+@map_weights.register
+def _(w: Masked, fn: Callable[[Any], Any]) -> Any:
+  values = constrain(w).w
+  return Masked(map_weights(values, fn), w.mask)
+
+
+@value_count.register
+def _(w: Masked) -> int:
+  kept = int(jnp.sum(w.mask))
+  return round(value_count(w.w) * kept / max(w.mask.size, 1))
