@@ -41,3 +41,24 @@ def fashion_available() -> bool:
 
 needs_fashion = pytest.mark.skipif(not fashion_available(),
                                    reason="Fashion-MNIST files not installed")
+
+
+def assert_params_close(a, b, atol: float = 1e-5) -> None:
+  """Leaf-by-leaf |a - b| <= atol, except attention key biases.
+
+  A key bias shifts every attention logit of a query by the same amount, which
+  softmax ignores: its true gradient is exactly zero, and Adam's first step
+  turns the rounding noise of that zero (which differs with the reduction
+  order, e.g. across device counts) into steps of up to lr. Every other
+  parameter must agree.
+  """
+  import jax
+  from vitjax import model as model_lib
+  flat_a = jax.tree_util.tree_flatten_with_path(a.params)[0]
+  flat_b = jax.tree_util.tree_leaves(b.params)
+  assert len(flat_a) == len(flat_b)
+  for (path, x), y in zip(flat_a, flat_b):
+    name = model_lib.path_str(path)
+    if name.endswith("key/bias"):
+      continue
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0, err_msg=name)

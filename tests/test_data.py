@@ -128,9 +128,10 @@ def test_batches_resume_at_any_step():
   first = [next(full) for _ in range(14)]  # crosses an epoch boundary (6 per epoch)
   resumed = data_lib.train_batches(split, 8, seed=3, start_step=9)
   for step in range(9, 14):
-    images, labels = next(resumed)
+    images, labels, index = next(resumed)
     np.testing.assert_array_equal(images, first[step][0])
     np.testing.assert_array_equal(labels, first[step][1])
+    np.testing.assert_array_equal(split.images[index], images)
   # One epoch visits 48 distinct images; the next epoch is reshuffled.
   epoch0 = np.concatenate([b[1] for b in first[:6]])
   assert len(epoch0) == 48
@@ -159,17 +160,21 @@ def test_preprocess_normalizes_resizes_and_repeats_channels():
   np.testing.assert_allclose(y, (1.0 - data_lib.MEAN) / data_lib.STD, rtol=1e-5)
 
 
-def test_augment_crops_and_flips():
-  x = jnp.arange(2 * 6 * 6, dtype=jnp.float32).reshape(2, 6, 6, 1)
-  np.testing.assert_array_equal(data_lib.augment(jax.random.PRNGKey(0), x, 0, False), x)
-  flipped = data_lib.augment(jax.random.PRNGKey(0), x, 0, True)
-  for i in range(2):  # every image is either untouched or mirrored
+def test_augment_crops_and_flips_each_image_by_its_own_key():
+  x = jnp.arange(3 * 6 * 6, dtype=jnp.float32).reshape(3, 6, 6, 1)
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  np.testing.assert_array_equal(data_lib.augment(keys, x, 0, False), x)
+  flipped = data_lib.augment(keys, x, 0, True)
+  for i in range(3):  # every image is either untouched or mirrored
     assert (np.array_equal(flipped[i], x[i]) or
             np.array_equal(flipped[i], x[i, :, ::-1]))
-  cropped = data_lib.augment(jax.random.PRNGKey(1), x, 2, False)
+  cropped = data_lib.augment(keys, x, 2, False)
   assert cropped.shape == x.shape
   # A crop of the edge-padded image keeps a 2-pixel-shifted window of the original.
   padded = np.pad(np.asarray(x), ((0, 0), (2, 2), (2, 2), (0, 0)), mode="edge")
-  for i in range(2):
+  for i in range(3):
     assert any(np.array_equal(cropped[i], padded[i, r:r + 6, c:c + 6])
                for r in range(5) for c in range(5))
+  # The same key gives the same view whatever the batch around it.
+  alone = data_lib.augment(keys[1:2], x[1:2], 2, True)
+  np.testing.assert_array_equal(alone[0], data_lib.augment(keys, x, 2, True)[1])

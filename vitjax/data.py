@@ -312,9 +312,9 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
   return n // batch_size
 
 
-def train_batches(split: Split, batch_size: int, seed: int,
-                  start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Endless training batches, starting at global step `start_step`.
+def train_batches(split: Split, batch_size: int, seed: int, start_step: int = 0
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """Endless training batches `(images, labels, image indices)` from `start_step`.
 
   Epoch e uses permutation `default_rng([seed, e])`, so the batch of step s is
   the same whether the run started at 0 or resumed at s.
@@ -326,7 +326,7 @@ def train_batches(split: Split, batch_size: int, seed: int,
     order = np.random.default_rng([seed, epoch]).permutation(len(split))
     for i in range(offset, per_epoch):
       idx = np.sort(order[i * batch_size:(i + 1) * batch_size])
-      yield split.images[idx], split.labels[idx]
+      yield split.images[idx], split.labels[idx], idx.astype(np.int32)
     step = (epoch + 1) * per_epoch
 
 
@@ -367,18 +367,20 @@ def preprocess(images: jax.Array, config) -> jax.Array:
   return x
 
 
-def augment(rng: jax.Array, images: jax.Array, pad: int = 2,
+def augment(keys: jax.Array, images: jax.Array, pad: int = 2,
             flip: bool = True) -> jax.Array:
-  """Random crop (after `pad` pixels of edge padding) and horizontal flip."""
-  b, h, w, _ = images.shape
-  crop_rng, flip_rng = jax.random.split(rng)
-  if pad:
-    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
-    offsets = jax.random.randint(crop_rng, (b, 2), 0, 2 * pad + 1)
-    crop = lambda img, off: jax.lax.dynamic_slice(
-        img, (off[0], off[1], 0), (h, w, img.shape[-1]))
-    images = jax.vmap(crop)(padded, offsets)
-  if flip:
-    mask = jax.random.bernoulli(flip_rng, 0.5, (b, 1, 1, 1))
-    images = jnp.where(mask, images[:, :, ::-1, :], images)
-  return images
+  """Random crop (after `pad` pixels of edge padding) and horizontal flip,
+  drawn for each image from its own key (`keys`: one PRNG key per image)."""
+  _, h, w, c = images.shape
+
+  def one(key: jax.Array, img: jax.Array) -> jax.Array:
+    crop_key, flip_key = jax.random.split(key)
+    if pad:
+      padded = jnp.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+      off = jax.random.randint(crop_key, (2,), 0, 2 * pad + 1)
+      img = jax.lax.dynamic_slice(padded, (off[0], off[1], 0), (h, w, c))
+    if flip:
+      img = jnp.where(jax.random.bernoulli(flip_key), img[:, ::-1, :], img)
+    return img
+
+  return jax.vmap(one)(keys, images)

@@ -19,6 +19,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 AXIS = "data"
 
 
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins a multi-process run (`jax.distributed.initialize`).
+
+  On TPU pods and managed GPU clusters the arguments are detected and may be
+  left out; on CPU hosts name the coordinator ("host:port"), the process count
+  and this process's id. CPU processes exchange data through gloo. Call it
+  before any other JAX work.
+  """
+  # Only CPU devices use this setting; it must be set before backends start.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id)
+
+
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh named `data` over `devices` (default: all global devices)."""
   devices = list(devices) if devices is not None else jax.devices()

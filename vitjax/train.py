@@ -34,8 +34,29 @@ from vitjax.model import Model, apply
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
-# (model, images (preprocessed), labels, rng, aux) -> (loss, metrics)
-LossFn = Callable[[Model, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Metrics]]
+
+
+@flax.struct.dataclass
+class Batch:
+  """One training batch as the loss sees it.
+
+  Attributes:
+    images: preprocessed and augmented (B, H, W, C) float images.
+    labels: (B,) int labels.
+    index: (B,) positions of the images in the training split.
+    view: (B,) which augmentation of each image this is (see
+      `TrainConfig.augment_views`); 0 everywhere without augmentation.
+  """
+
+  images: jax.Array
+  labels: jax.Array
+  index: jax.Array
+  view: jax.Array
+
+
+# (model, batch, rng, aux, extra) -> (loss, metrics); `aux` is frozen (e.g. a
+# teacher), `extra` holds trainable parameters beside the model (projections).
+LossFn = Callable[[Model, Batch, jax.Array, Any, PyTree], tuple[jax.Array, Metrics]]
 # (params, step after the update) -> params, e.g. a gradual pruning schedule
 PostUpdate = Callable[[PyTree, jax.Array], PyTree]
 
@@ -59,6 +80,9 @@ class TrainConfig:
     grad_clip: global-norm clip (0 disables).
     crop_pad: random-crop padding in pixels (0 disables cropping).
     flip: random horizontal flips.
+    augment_views: 0: every epoch draws a new augmentation of each image;
+      V > 0: image i in epoch e gets view e % V, the same each time (what an
+      offline teacher cache of V views per image needs).
     seed: seeds batch order, augmentation and any loss randomness.
     checkpoint_every: save the state every this many steps (with a workdir).
     fsdp: shard parameters and optimizer state over devices.
@@ -75,6 +99,7 @@ class TrainConfig:
   grad_clip: float = 1.0
   crop_pad: int = 0
   flip: bool = False
+  augment_views: int = 0
   seed: int = 0
   checkpoint_every: int = 500
   fsdp: bool = False
@@ -96,6 +121,12 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.end_lr_ratio must be in [0, 1], got {self.end_lr_ratio}")
     if self.weight_decay < 0 or self.grad_clip < 0 or self.crop_pad < 0:
       raise ValueError("TrainConfig.weight_decay, grad_clip and crop_pad must be >= 0")
+    if self.augment_views < 0:
+      raise ValueError(f"TrainConfig.augment_views must be >= 0, got {self.augment_views}")
+
+  @property
+  def augments(self) -> bool:
+    return bool(self.crop_pad or self.flip)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -104,6 +135,7 @@ class TrainConfig:
 @flax.struct.dataclass
 class TrainState:
   params: PyTree
+  extra: PyTree
   opt_state: PyTree
   step: jax.Array
 
@@ -121,9 +153,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) 
 
 def classification_loss(label_smoothing: float = 0.0) -> LossFn:
   """Cross-entropy on the logits (both heads of a DeiT get the true label)."""
-  def loss_fn(model: Model, images: jax.Array, labels: jax.Array,
-              rng: jax.Array, aux: Any) -> tuple[jax.Array, Metrics]:
-    del rng, aux
+  def loss_fn(model: Model, batch: Batch, rng: jax.Array, aux: Any,
+              extra: PyTree) -> tuple[jax.Array, Metrics]:
+    del rng, aux, extra
+    images, labels = batch.images, batch.labels
     if model.config.distilled:
       cls_logits, dist_logits = apply(model, images, heads="both")
       loss = (cross_entropy(cls_logits, labels, label_smoothing) +
@@ -189,32 +222,51 @@ def make_optimizer(cfg: TrainConfig, decay_mask: list[bool]) -> optax.GradientTr
 # --------------------------------------------------------------------- step
 
 
+def augmentation_view(epoch: jax.Array, views: int) -> jax.Array:
+  """Which augmentation of an image epoch `epoch` uses (see `augment_views`)."""
+  return epoch % views if views else epoch
+
+
+def augmentation_keys(seed: int, index: jax.Array, view: jax.Array) -> jax.Array:
+  """One PRNG key per image, a function of (seed, image index, view) only."""
+  base = jax.random.fold_in(jax.random.PRNGKey(seed), 0x5EED)
+  return jax.vmap(lambda i, v: jax.random.fold_in(jax.random.fold_in(base, i), v))(
+      index, view)
+
+
 def make_train_step(model: Model, cfg: TrainConfig, partition: Partition,
                     optimizer: optax.GradientTransformation, loss_fn: LossFn,
-                    post_update: PostUpdate | None) -> Callable:
-  """The pure update `(state, images, labels, aux) -> (state, metrics)`."""
+                    post_update: PostUpdate | None, steps_per_epoch: int) -> Callable:
+  """The pure update `(state, images, labels, index, aux) -> (state, metrics)`."""
   config = model.config
   base_key = jax.random.PRNGKey(cfg.seed)
 
-  def step(state: TrainState, images: jax.Array, labels: jax.Array, aux: Any):
-    rng = jax.random.fold_in(base_key, state.step)
-    aug_rng, loss_rng = jax.random.split(rng)
+  def step(state: TrainState, images: jax.Array, labels: jax.Array, index: jax.Array,
+           aux: Any):
+    loss_rng = jax.random.fold_in(base_key, state.step)
+    epoch = state.step // steps_per_epoch
+    view = jnp.broadcast_to(augmentation_view(epoch, cfg.augment_views), index.shape)
     x = data_lib.preprocess(images, config)
-    if cfg.crop_pad or cfg.flip:
-      x = data_lib.augment(aug_rng, x, cfg.crop_pad, cfg.flip)
-    train, frozen = partition.split(state.params)
+    if cfg.augments:
+      x = data_lib.augment(augmentation_keys(cfg.seed, index, view), x, cfg.crop_pad,
+                           cfg.flip)
+    else:
+      view = jnp.zeros_like(index)
+    batch = Batch(x, labels, index, view)
+    train, frozen = partition.split((state.params, state.extra))
 
     def objective(train_leaves):
-      params = partition.merge(train_leaves, frozen)
-      return loss_fn(Model(config, params), x, labels, loss_rng, aux)
+      params, extra = partition.merge(train_leaves, frozen)
+      return loss_fn(Model(config, params), batch, loss_rng, aux, extra)
 
     (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(train)
     updates, opt_state = optimizer.update(grads, state.opt_state, train)
     train = optax.apply_updates(train, updates)
-    params = leaves.constrain_tree(partition.merge(train, frozen))
+    params, extra = partition.merge(train, frozen)
+    params = leaves.constrain_tree(params)
     if post_update is not None:
       params = post_update(params, state.step + 1)
-    return TrainState(params, opt_state, state.step + 1), metrics
+    return TrainState(params, extra, opt_state, state.step + 1), metrics
 
   return step
 
@@ -250,7 +302,7 @@ def _manager(workdir: pathlib.Path, cfg: TrainConfig) -> ocp.CheckpointManager:
 
 def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
         workdir: str | pathlib.Path | None = None,
-        loss_fn: LossFn | None = None, aux: Any = None,
+        loss_fn: LossFn | None = None, aux: Any = None, extra: PyTree = None,
         post_update: PostUpdate | None = None,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
         mesh: jax.sharding.Mesh | None = None, progress: bool = True,
@@ -266,6 +318,8 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
       once if it had finished).
     loss_fn: defaults to `classification_loss(cfg.label_smoothing)`.
     aux: a frozen pytree handed to `loss_fn` (e.g. the teacher Model).
+    extra: trainable parameters beside the model, handed to `loss_fn` and
+      optimized with it (e.g. distillation projections); not returned.
     post_update: applied to the params after every update.
     on_step: called with (step, host metrics) every `cfg.log_every` steps.
     mesh: defaults to a `data` mesh over all devices.
@@ -283,12 +337,14 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
   if cfg.batch_size > len(split):
     raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(split)} training images")
   loss_fn = loss_fn or classification_loss(cfg.label_smoothing)
-  partition = Partition.of(model.params)
+  extra = {} if extra is None else extra
+  partition = Partition.of((model.params, extra))
   optimizer = make_optimizer(cfg, partition.decay_mask())
-  train_leaves, _ = partition.split(model.params)
-  # The jitted step donates its input state; copy so the caller's model survives.
-  params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), model.params)
-  state = TrainState(params, optimizer.init(train_leaves), jnp.zeros((), jnp.int32))
+  train_leaves, _ = partition.split((model.params, extra))
+  # The jitted step donates its input state; copy so the caller's values survive.
+  params, extra = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True),
+                                         (model.params, extra))
+  state = TrainState(params, extra, optimizer.init(train_leaves), jnp.zeros((), jnp.int32))
 
   manager = None
   start = 0
@@ -305,14 +361,17 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
 
   state_sharding = TrainState(
       sharding.param_shardings(state.params, mesh, cfg.fsdp),
+      sharding.param_shardings(state.extra, mesh, cfg.fsdp),
       sharding.param_shardings(state.opt_state, mesh, cfg.fsdp),
       sharding.replicated(mesh))
   state = jax.device_put(state, state_sharding)
   aux = jax.device_put(aux, sharding.replicated(mesh)) if aux is not None else None
+  per_epoch = data_lib.steps_per_epoch(len(split), cfg.batch_size)
+  data_spec = sharding.batch_sharding(mesh)
   step_fn = jax.jit(
-      make_train_step(model, cfg, partition, optimizer, loss_fn, post_update),
-      in_shardings=(state_sharding, sharding.batch_sharding(mesh),
-                    sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+      make_train_step(model, cfg, partition, optimizer, loss_fn, post_update, per_epoch),
+      in_shardings=(state_sharding, data_spec, data_spec, data_spec,
+                    sharding.replicated(mesh)),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=(0,))
 
@@ -324,9 +383,8 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
   tick, seen = time.perf_counter(), 0
   try:
     for step in range(start, cfg.steps):
-      images, labels = next(batches)
-      batch = sharding.global_batch((images[lo:lo + local], labels[lo:lo + local]), mesh)
-      state, metrics = step_fn(state, *batch, aux)
+      local_batch = [a[lo:lo + local] for a in next(batches)]
+      state, metrics = step_fn(state, *sharding.global_batch(local_batch, mesh), aux)
       seen += cfg.batch_size
       if manager is not None:
         manager.save(step + 1, args=ocp.args.StandardSave(state))

@@ -1,0 +1,398 @@
+"""Distillation losses and the teacher -> student objective.
+
+Losses are pure functions of logits / features, each checked against a hand
+computation in the tests:
+
+  soft_kl(s, t, T)          T^2 * KL(softmax(t / T) || softmax(s / T)), batch mean;
+  soft_kl_topk(s, v, i, T)  the same against a teacher known only by its top-k
+                            logits `v` at class indices `i` (offline cache);
+  hard_label(s, t)          cross-entropy of s against argmax(t) (DeiT hard);
+  feature_mse(s, t, proj)   MSE between student tokens (projected to the
+                            teacher's width when they differ) and teacher tokens;
+  attention_kl(s, t)        KL between head-averaged patch-to-patch attention maps.
+
+`DistillConfig` weights them into one objective; `objective` builds the
+`train.LossFn` whose auxiliary input is the frozen teacher `Model` (its forward
+runs in the same jit, under `stop_gradient`) or an offline `TeacherCache`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from vitjax import data as data_lib
+from vitjax import model as model_lib
+from vitjax import train as train_lib
+from vitjax.model import Model
+from vitjax.models.config import ViTConfig
+from vitjax.train import Batch, Metrics, cross_entropy
+
+
+def _check_temperature(t: float) -> None:
+  if not t > 0:
+    raise ValueError(f"temperature T={t} must be > 0")
+
+
+def soft_kl(student: jax.Array, teacher: jax.Array, temperature: float = 1.0) -> jax.Array:
+  """T^2 * KL(softmax(teacher / T) || softmax(student / T)), mean over the batch."""
+  _check_temperature(temperature)
+  log_p = jax.nn.log_softmax(teacher / temperature, axis=-1)
+  log_q = jax.nn.log_softmax(student / temperature, axis=-1)
+  kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  return temperature ** 2 * kl.mean()
+
+
+def soft_kl_topk(student: jax.Array, values: jax.Array, indices: jax.Array,
+                 temperature: float = 1.0) -> jax.Array:
+  """`soft_kl` against a teacher given by its top-k logits only.
+
+  The teacher distribution is the softmax of its k logits (zero elsewhere);
+  with k = number of classes this equals `soft_kl` exactly.
+  """
+  _check_temperature(temperature)
+  log_p = jax.nn.log_softmax(values / temperature, axis=-1)
+  log_q = jnp.take_along_axis(jax.nn.log_softmax(student / temperature, axis=-1),
+                              indices, axis=-1)
+  kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  return temperature ** 2 * kl.mean()
+
+
+def hard_label(student: jax.Array, teacher_labels: jax.Array) -> jax.Array:
+  """Cross-entropy of the student against the teacher's hard decisions."""
+  return cross_entropy(student, teacher_labels)
+
+
+def feature_mse(student: jax.Array, teacher: jax.Array,
+                projection: jax.Array | None = None) -> jax.Array:
+  """Mean squared error of (B, T, ds) student tokens, projected by a (ds, dt)
+  matrix when the widths differ, against (B, T, dt) teacher tokens."""
+  if projection is not None:
+    student = student @ projection
+  if student.shape != teacher.shape:
+    raise ValueError(f"feature shapes differ: student {student.shape}, teacher "
+                     f"{teacher.shape}; pass a projection of shape "
+                     f"({student.shape[-1]}, {teacher.shape[-1]})")
+  return jnp.mean((student - teacher) ** 2)
+
+
+def attention_kl(student: jax.Array, teacher: jax.Array, s_prefix: int, t_prefix: int,
+                 eps: float = 1e-8) -> jax.Array:
+  """KL(teacher || student) of head-averaged patch-to-patch attention rows.
+
+  Args:
+    student, teacher: (B, heads, T, T) attention probabilities (head counts
+      may differ; token counts may differ only in their prefix tokens).
+    s_prefix, t_prefix: how many class/distillation tokens lead each sequence.
+  """
+  def patch_rows(a: jax.Array, prefix: int) -> jax.Array:
+    a = a.mean(axis=1)[:, prefix:, prefix:]
+    return a / (a.sum(-1, keepdims=True) + eps)
+  p, q = patch_rows(teacher, t_prefix), patch_rows(student, s_prefix)
+  if p.shape != q.shape:
+    raise ValueError(f"attention maps differ in patches: student {q.shape}, teacher {p.shape}")
+  return jnp.mean(jnp.sum(p * (jnp.log(p + eps) - jnp.log(q + eps)), axis=-1))
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """Weights of the distillation objective's terms.
+
+  Attributes:
+    ce: cross-entropy with the true label (on the class head of a DeiT).
+    soft: `soft_kl` at `temperature` (on the distillation head of a DeiT).
+    hard: `hard_label` (on the distillation head of a DeiT).
+    feature: `feature_mse` over `feature_pairs` (student block, teacher block).
+    attention: `attention_kl` over `attention_pairs`.
+    temperature: T of the soft term.
+    label_smoothing: of the ce term.
+  """
+
+  ce: float = 0.5
+  soft: float = 0.0
+  hard: float = 0.5
+  feature: float = 0.0
+  attention: float = 0.0
+  temperature: float = 1.0
+  label_smoothing: float = 0.0
+  feature_pairs: tuple[tuple[int, int], ...] = ((-1, -1),)
+  attention_pairs: tuple[tuple[int, int], ...] = ((-1, -1),)
+
+  def __post_init__(self) -> None:
+    weights = {k: getattr(self, k) for k in ("ce", "soft", "hard", "feature", "attention")}
+    negative = {k: v for k, v in weights.items() if v < 0}
+    if negative:
+      raise ValueError(f"distillation weights must be >= 0, got {negative}")
+    if not any(weights.values()):
+      raise ValueError("all distillation weights are zero; give at least one positive weight")
+    if weights["ce"] and not any(v for k, v in weights.items() if k != "ce"):
+      raise ValueError("only the ce weight is positive: that is training without a teacher")
+    _check_temperature(self.temperature)
+    if not 0 <= self.label_smoothing < 1:
+      raise ValueError(f"label_smoothing={self.label_smoothing} is outside [0, 1)")
+
+  @property
+  def needs_intermediates(self) -> bool:
+    return bool(self.feature or self.attention)
+
+
+def check_pair(student: ViTConfig, teacher: ViTConfig) -> None:
+  """Raises ValueError if the teacher cannot teach this student."""
+  if student.num_classes != teacher.num_classes:
+    raise ValueError(f"teacher has num_classes={teacher.num_classes} but the student has "
+                     f"{student.num_classes}; they must match")
+  if (student.image_size, student.channels) != (teacher.image_size, teacher.channels):
+    raise ValueError(
+        f"teacher takes {teacher.image_size}x{teacher.image_size}x{teacher.channels} images, "
+        f"the student {student.image_size}x{student.image_size}x{student.channels}; "
+        "they must take the same input")
+
+
+@flax.struct.dataclass
+class TeacherCache:
+  """Offline teacher outputs: top-k logits per training image and view.
+
+  `values` (N, views, k) float32 and `indices` (N, views, k) int32, where
+  view v of image i is the augmentation the training step draws for image i
+  in epochs e with e % views == v (`train.augmentation_view`).
+  """
+
+  values: jax.Array
+  indices: jax.Array
+
+
+def projection_shapes(student: ViTConfig, teacher: ViTConfig,
+                      cfg: DistillConfig) -> dict[str, tuple[int, int]]:
+  """Learned feature projections the objective needs (student dim != teacher dim)."""
+  if not cfg.feature or student.dim == teacher.dim:
+    return {}
+  return {f"proj_{i}": (student.dim, teacher.dim) for i, _ in enumerate(cfg.feature_pairs)}
+
+
+def init_projections(student: ViTConfig, teacher: ViTConfig, cfg: DistillConfig,
+                     seed: int = 0) -> dict[str, jax.Array]:
+  """Xavier-initialized feature projections (trained with the student)."""
+  init = jax.nn.initializers.xavier_uniform()
+  shapes = projection_shapes(student, teacher, cfg)
+  keys = jax.random.split(jax.random.PRNGKey(seed), max(len(shapes), 1))
+  return {name: init(k, shape) for k, (name, shape) in zip(keys, sorted(shapes.items()))}
+
+
+def objective(cfg: DistillConfig, teacher_config: ViTConfig):
+  """The `train.LossFn` of `cfg`; its aux is the teacher Model or a TeacherCache.
+
+  For a DeiT student the true label trains the class head and the teacher the
+  distillation head; inference averages the two (DeiT). For a plain student
+  all terms act on its single head.
+  """
+  def loss_fn(model: Model, batch: Batch, rng: jax.Array, aux: Any,
+              extra: dict[str, jax.Array]) -> tuple[jax.Array, Metrics]:
+    del rng
+    s_cfg = model.config
+    if cfg.needs_intermediates:
+      out, s_inter = model_lib.apply_with_intermediates(
+          model, batch.images, heads="both" if s_cfg.distilled else "mean")
+    else:
+      out = model_lib.apply(model, batch.images, heads="both" if s_cfg.distilled else "mean")
+      s_inter = None
+    cls_logits, dist_logits = out if s_cfg.distilled else (out, out)
+
+    if isinstance(aux, TeacherCache):
+      values = aux.values[batch.index, batch.view]
+      indices = aux.indices[batch.index, batch.view]
+      teacher_logits, t_inter = None, None
+      teacher_top1 = indices[:, 0]
+    else:
+      if cfg.needs_intermediates:
+        teacher_logits, t_inter = model_lib.apply_with_intermediates(aux, batch.images)
+      else:
+        teacher_logits, t_inter = model_lib.apply(aux, batch.images), None
+      teacher_logits = jax.lax.stop_gradient(teacher_logits)
+      t_inter = jax.lax.stop_gradient(t_inter)
+      teacher_top1 = teacher_logits.argmax(-1)
+
+    terms = {}
+    if cfg.ce:
+      terms["ce"] = cfg.ce * cross_entropy(cls_logits, batch.labels, cfg.label_smoothing)
+    if cfg.soft:
+      terms["soft"] = cfg.soft * (
+          soft_kl_topk(dist_logits, values, indices, cfg.temperature)
+          if teacher_logits is None else soft_kl(dist_logits, teacher_logits, cfg.temperature))
+    if cfg.hard:
+      terms["hard"] = cfg.hard * hard_label(dist_logits, teacher_top1)
+    if cfg.feature or cfg.attention:
+      if t_inter is None:
+        raise ValueError("feature and attention distillation need the teacher model, "
+                         "not an offline cache of its logits")
+      s_pre, t_pre = s_cfg.num_prefix_tokens, teacher_config.num_prefix_tokens
+      if cfg.feature:
+        total = 0.0
+        for i, (sb, tb) in enumerate(cfg.feature_pairs):
+          s_tok = s_inter["features"][sb][:, s_pre:]
+          t_tok = t_inter["features"][tb][:, t_pre:]
+          total = total + feature_mse(s_tok, t_tok, extra.get(f"proj_{i}"))
+        terms["feature"] = cfg.feature * total / len(cfg.feature_pairs)
+      if cfg.attention:
+        total = 0.0
+        for sb, tb in cfg.attention_pairs:
+          total = total + attention_kl(s_inter["attention"][sb], t_inter["attention"][tb],
+                                       s_pre, t_pre)
+        terms["attention"] = cfg.attention * total / len(cfg.attention_pairs)
+    loss = sum(terms.values())
+    logits = (cls_logits + dist_logits) / 2 if s_cfg.distilled else cls_logits
+    metrics = {"loss": loss, "accuracy": (logits.argmax(-1) == batch.labels).mean(),
+               "agreement": (logits.argmax(-1) == teacher_top1).mean()}
+    metrics.update({f"loss_{k}": v for k, v in terms.items()})
+    return loss, metrics
+
+  return loss_fn
+
+
+# ------------------------------------------------------------ offline cache
+
+
+def fingerprint(*trees: Any) -> str:
+  """SHA-256 over the bytes, shapes and dtypes of every array in `trees`."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(trees):
+    arr = np.asarray(leaf)
+    digest.update(f"{arr.dtype}{arr.shape}".encode())
+    digest.update(np.ascontiguousarray(arr).tobytes())
+  return digest.hexdigest()
+
+
+def cache_views(train_cfg: train_lib.TrainConfig) -> int:
+  """Views per image an offline cache needs for `train_cfg`.
+
+  Raises:
+    ValueError: augmentation without a fixed number of views.
+  """
+  if not train_cfg.augments:
+    return 1
+  if not train_cfg.augment_views:
+    raise ValueError("an offline teacher cache needs TrainConfig.augment_views > 0 when "
+                     "training augments (a fixed set of views per image)")
+  return train_cfg.augment_views
+
+
+def build_teacher_cache(teacher: Model, split: data_lib.Split,
+                        train_cfg: train_lib.TrainConfig, *, k: int = 10,
+                        batch_size: int = 500, progress: bool = True) -> TeacherCache:
+  """Top-k teacher logits of every training image and view, in one pass each.
+
+  The views are the exact augmentations `train.fit` will draw with `train_cfg`.
+  """
+  views = cache_views(train_cfg)
+  k = min(k, teacher.config.num_classes)
+  if k < 1:
+    raise ValueError(f"k={k} must be >= 1")
+
+  @jax.jit
+  def top_k(m: Model, images: jax.Array, index: jax.Array, view: jax.Array):
+    x = data_lib.preprocess(images, m.config)
+    if train_cfg.augments:
+      keys = train_lib.augmentation_keys(train_cfg.seed, index, view)
+      x = data_lib.augment(keys, x, train_cfg.crop_pad, train_cfg.flip)
+    return jax.lax.top_k(model_lib.apply(m, x), k)
+
+  n = len(split)
+  values = np.zeros((n, views, k), np.float32)
+  indices = np.zeros((n, views, k), np.int32)
+  bar = tqdm(total=views * -(-n // batch_size), desc="teacher cache", disable=not progress,
+             dynamic_ncols=True)
+  for v in range(views):
+    for start, (images, _, count) in zip(range(0, n, batch_size),
+                                         data_lib.eval_batches(split, batch_size)):
+      index = np.minimum(np.arange(start, start + len(images), dtype=np.int32), n - 1)
+      vals, idx = jax.device_get(top_k(teacher, images, index,
+                                       np.full(len(images), v, np.int32)))
+      values[start:start + count, v] = vals[:count]
+      indices[start:start + count, v] = idx[:count]
+      bar.update(1)
+  bar.close()
+  return TeacherCache(jnp.asarray(values), jnp.asarray(indices))
+
+
+def save_cache(cache: TeacherCache, path: str | pathlib.Path, key: str) -> None:
+  """Writes the cache (npz, no pickles) with `key` (what it was computed for)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp.npz")
+  np.savez(tmp, values=np.asarray(cache.values), indices=np.asarray(cache.indices),
+           key=np.frombuffer(key.encode(), np.uint8))
+  tmp.replace(path)
+
+
+def load_cache(path: str | pathlib.Path, key: str) -> TeacherCache | None:
+  """The cache at `path` if it was computed for `key`, else None."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      if bytes(f["key"]).decode() != key:
+        return None
+      return TeacherCache(jnp.asarray(f["values"]), jnp.asarray(f["indices"]))
+  except (OSError, ValueError, KeyError):
+    return None
+
+
+def cached_teacher(teacher: Model, split: data_lib.Split, train_cfg: train_lib.TrainConfig,
+                   path: str | pathlib.Path, *, k: int = 10, progress: bool = True
+                   ) -> TeacherCache:
+  """Loads the cache at `path` if it matches this teacher, data and augmentation,
+  else computes it and writes it there."""
+  key = json.dumps({"teacher": fingerprint(teacher.params), "config": teacher.config.to_dict(),
+                    "data": fingerprint(split.images, split.labels), "k": k,
+                    "views": cache_views(train_cfg), "seed": train_cfg.seed,
+                    "crop_pad": train_cfg.crop_pad, "flip": train_cfg.flip}, sort_keys=True)
+  cache = load_cache(path, key)
+  if cache is None:
+    cache = build_teacher_cache(teacher, split, train_cfg, k=k, progress=progress)
+    save_cache(cache, path, key)
+  return cache
+
+
+# ------------------------------------------------------------------ training
+
+
+def fit_student(teacher: Model, student: Model, split: data_lib.Split,
+                train_cfg: train_lib.TrainConfig, cfg: DistillConfig, *,
+                cache: TeacherCache | None = None, workdir: str | pathlib.Path | None = None,
+                mesh: jax.sharding.Mesh | None = None, progress: bool = True,
+                on_step: Any = None) -> Model:
+  """Trains `student` from the frozen `teacher` (or its offline `cache`).
+
+  The teacher's forward runs inside the student's jitted, sharded step; only
+  the student (and the feature projections, when widths differ) is updated.
+
+  Raises:
+    ValueError: teacher and student disagree on classes or input, bad
+      weights, or a cache that does not cover the split and its views.
+  """
+  check_pair(student.config, teacher.config)
+  if cache is not None:
+    if cfg.needs_intermediates:
+      raise ValueError("feature/attention distillation needs the teacher model, not a cache")
+    want = (len(split), cache_views(train_cfg))
+    if tuple(cache.values.shape[:2]) != want:
+      raise ValueError(f"the teacher cache covers {tuple(cache.values.shape[:2])} "
+                       f"(images, views); this run needs {want}")
+  run = json.dumps({"distill": dataclasses.asdict(cfg), "teacher": teacher.config.to_dict(),
+                    "offline": cache is not None}, sort_keys=True)
+  return train_lib.fit(student, split, train_cfg, workdir=workdir,
+                       loss_fn=objective(cfg, teacher.config),
+                       aux=cache if cache is not None else teacher,
+                       extra=init_projections(student.config, teacher.config, cfg,
+                                              train_cfg.seed),
+                       mesh=mesh, progress=progress, on_step=on_step, run_name=run,
+                       desc="distill")
