@@ -11,6 +11,11 @@ TINY = ViTConfig(image_size=8, patch_size=4, channels=1, num_classes=4, dim=16,
                  depth=2, num_heads=2, mlp_dim=32)
 
 
+# The survey's presets shrunk to models that train in seconds.
+MINI_TEACHER = TINY.replace(dim=16, depth=2, num_heads=2, mlp_dim=32)
+MINI_STUDENT = MINI_TEACHER.replace(dim=8, mlp_dim=16, distilled=True)
+
+
 def synthetic_split(n: int, config: ViTConfig = TINY, seed: int = 0) -> data_lib.Split:
   """Learnable synthetic images: class k lights up quadrant k (plus noise)."""
   rng = np.random.default_rng(seed)
@@ -29,6 +34,18 @@ def synthetic_dataset(n_train: int = 512, n_test: int = 128,
   return data_lib.make_dataset(synthetic_split(n_train + 64, config, 0),
                                synthetic_split(n_test, config, 1), "synthetic",
                                validation=32, calibration=32)
+
+
+def noisy_model(config: ViTConfig = TINY, seed: int = 0, scale: float = 0.3):
+  """A model whose every weight is non-trivial (the init zeroes the head and
+  biases): the init plus Gaussian noise of std `scale`."""
+  import jax
+  from vitjax import model as model_lib
+  m = model_lib.init(config, seed)
+  flat, treedef = jax.tree_util.tree_flatten(m.params)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1000), len(flat))
+  return m.replace(params=jax.tree_util.tree_unflatten(
+      treedef, [a + scale * jax.random.normal(k, a.shape) for a, k in zip(flat, keys)]))
 
 
 def fashion_available() -> bool:

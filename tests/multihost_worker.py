@@ -9,7 +9,9 @@ import os
 import sys
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ.pop("XLA_FLAGS", None)  # one CPU device per process
+# One CPU device per process; fast compiles as in conftest.
+os.environ["XLA_FLAGS"] = ("--xla_backend_optimization_level=0 "
+                           "--xla_llvm_disable_expensive_passes=true")
 
 from vitjax import sharding  # noqa: E402
 

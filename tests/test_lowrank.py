@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import TINY, synthetic_split
+from helpers import TINY, noisy_model, synthetic_split
 from vitjax import data as data_lib
 from vitjax import export, leaves
 from vitjax import model as model_lib
@@ -17,11 +17,7 @@ BIG = TINY.replace(dim=32, mlp_dim=64)
 
 
 def _model(config=BIG, seed=0):
-  m = model_lib.init(config, seed)
-  flat, treedef = jax.tree_util.tree_flatten(m.params)
-  keys = jax.random.split(jax.random.PRNGKey(seed + 7), len(flat))
-  return m.replace(params=jax.tree_util.tree_unflatten(
-      treedef, [a + 0.3 * jax.random.normal(k, a.shape) for a, k in zip(flat, keys)]))
+  return noisy_model(config, seed)
 
 
 def test_full_rank_reconstructs_and_truncation_error_is_the_dropped_spectrum():

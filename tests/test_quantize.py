@@ -7,7 +7,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import TINY, synthetic_split
+from helpers import TINY, noisy_model, synthetic_split
 from vitjax import data as data_lib
 from vitjax import export, leaves
 from vitjax import model as model_lib
@@ -18,12 +18,7 @@ from vitjax.transforms import quantize as q
 
 
 def _noisy_model(seed=0):
-  """A TINY model whose weights are all non-trivial (the init zeroes the head)."""
-  m = model_lib.init(TINY, seed)
-  leaves_, treedef = jax.tree_util.tree_flatten(m.params)
-  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves_))
-  noisy = [a + 0.2 * jax.random.normal(k, a.shape) for a, k in zip(leaves_, keys)]
-  return m.replace(params=jax.tree_util.tree_unflatten(treedef, noisy))
+  return noisy_model(TINY, seed, scale=0.2)
 
 
 def _images(n=6, seed=0):

@@ -1,8 +1,9 @@
-"""`vitjax` command line: train, eval, quantize."""
+"""`vitjax` command line: train, eval, quantize, prune, lowrank, distill, survey."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -10,8 +11,12 @@ import time
 from typing import Callable, Sequence
 
 from vitjax import data as data_lib
-from vitjax import evaluate, export, recipes
-from vitjax.transforms import calibrate, quantize
+import jax
+
+from vitjax import distill, evaluate, export, plots, recipes, sharding, survey, train
+from vitjax import model as model_lib
+from vitjax.models.config import preset
+from vitjax.transforms import calibrate, lowrank, prune, quantize, structured
 from vitjax.models.config import PRESETS
 
 Command = Callable[[argparse.Namespace], int]
@@ -24,6 +29,17 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data-dir", default=None,
                  help=f"where the dataset lies (default: ${data_lib.ENV_DIR}, the "
                       "user cache, then /usr/share/datasets/fashion-mnist)")
+
+
+def _add_compress_args(p: argparse.ArgumentParser, exclude: Sequence[str],
+                       default_out: str) -> None:
+  p.add_argument("--exclude", nargs="*", default=exclude,
+                 help="regex patterns of layers left as they are")
+  p.add_argument("--finetune-steps", type=int, default=400)
+  p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate")
+  p.add_argument("--out", default=None, help=f"run directory (default {default_out})")
+  p.add_argument("--overwrite", action="store_true")
+  _add_data_args(p)
 
 
 def _load_data(args: argparse.Namespace) -> data_lib.Dataset:
@@ -112,6 +128,150 @@ def cmd_quantize(args: argparse.Namespace) -> int:
   return 0
 
 
+def _finetune(model, dataset: data_lib.Dataset, steps: int, lr: float, out: pathlib.Path,
+              post_update=None, desc: str = "fine-tune"):
+  """`steps` of fine-tuning that keeps the model's constraints (masks, factors)."""
+  if steps <= 0:
+    return model
+  cfg = recipes.finetune_config(len(dataset.train), steps, learning_rate=lr)
+  return train.fit(model, dataset.train, cfg, workdir=out / recipes.TRAIN_DIR,
+                   post_update=post_update, run_name=desc, desc=desc)
+
+
+def _save_and_compare(source_dir: pathlib.Path, source, result, name: str,
+                      out: pathlib.Path, dataset: data_lib.Dataset, overwrite: bool,
+                      metadata: dict) -> None:
+  model_dir = out / recipes.MODEL_DIR
+  disk = export.save_model(result, model_dir, overwrite=overwrite, metadata=metadata)
+  print(f"wrote {model_dir}")
+  _compare_and_print({"source": source, name: result}, dataset,
+                     {"source": export.disk_bytes(source_dir), name: disk}, "source")
+
+
+def _load_source(args: argparse.Namespace):
+  model_dir = recipes.model_dir_of(args.checkpoint)
+  model = export.load_model(model_dir)
+  dataset = _load_data(args)
+  data_lib.check_compatible(dataset.image_shape, dataset.num_classes, model.config)
+  return model_dir, model, dataset
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+  model_dir, model, dataset = _load_source(args)
+  hook = None
+  if args.method == "structured":
+    transform = structured.heads_and_neurons(
+        head_keep=args.head_keep, mlp_keep=args.mlp_keep, score=args.score,
+        calibration=dataset.calibration if args.score == "taylor" else None)
+  elif args.method == "nm":
+    transform = prune.n_m(args.n, args.m, exclude=args.exclude)
+  elif args.gradual:
+    transform = prune.magnitude(0.0, exclude=args.exclude)
+    end = max(1, int(args.finetune_steps * 0.75))
+    hook = prune.gradual(args.sparsity, 0, end, every=max(1, end // 20),
+                         scope="global" if args.method == "global" else "layer")
+    if args.finetune_steps < 2:
+      raise ValueError("--gradual needs --finetune-steps >= 2 to raise the sparsity over")
+  else:
+    transform = prune.magnitude(args.sparsity, exclude=args.exclude,
+                                scope="global" if args.method == "global" else "layer")
+  out = pathlib.Path(args.out or f"{model_dir.parent}-prune-{args.method}")
+  pruned = _finetune(transform(model), dataset, args.finetune_steps, args.lr, out,
+                     post_update=hook, desc=f"prune-{args.method}")
+  for layer, sparsity in prune.sparsity_report(pruned).items():
+    print(f"  {layer}: {sparsity * 100:.1f}% pruned")
+  _save_and_compare(model_dir, model, pruned, f"prune-{args.method}", out, dataset,
+                    args.overwrite, {"transform": vars_json(args), "source": str(model_dir)})
+  return 0
+
+
+def cmd_lowrank(args: argparse.Namespace) -> int:
+  model_dir, model, dataset = _load_source(args)
+  transform = lowrank.svd(
+      rank=args.rank, energy=args.energy, param_budget=args.budget,
+      calibration=dataset.calibration.images if args.data_aware else None,
+      exclude=args.exclude)
+  out = pathlib.Path(args.out or f"{model_dir.parent}-lowrank")
+  factored = _finetune(transform(model), dataset, args.finetune_steps, args.lr, out,
+                       desc="lowrank")
+  _save_and_compare(model_dir, model, factored, "lowrank", out, dataset, args.overwrite,
+                    {"transform": vars_json(args), "source": str(model_dir)})
+  return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+  if args.coordinator or args.num_processes:
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  teacher_dir = recipes.model_dir_of(args.teacher)
+  teacher = export.load_model(teacher_dir)
+  dataset = _load_data(args)
+  data_lib.check_compatible(dataset.image_shape, dataset.num_classes, teacher.config)
+  student_cfg = preset(args.student_preset, num_classes=teacher.config.num_classes,
+                       channels=teacher.config.channels,
+                       image_size=teacher.config.image_size)
+  cfg = distill.DistillConfig(
+      ce=args.ce, soft=args.soft, hard=args.hard, feature=args.feature,
+      attention=args.attention, temperature=args.T)
+  tcfg = recipes.student_train_config(args.student_preset, len(dataset.train),
+                                      epochs=args.epochs, steps=args.steps,
+                                      batch_size=args.batch_size, learning_rate=args.lr,
+                                      seed=args.seed)
+  out = pathlib.Path(args.out)
+  cache = None
+  if args.offline:
+    cache = distill.cached_teacher(teacher, dataset.train, tcfg, out / "teacher_cache.npz",
+                                   k=args.offline)
+  history: dict[str, list] = {}
+  def record(run: str):
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+      for k in ("loss", "accuracy", "agreement"):
+        if k in metrics:
+          history.setdefault(f"{run}/{k}", []).append((step, metrics[k]))
+    return on_step
+  student = distill.fit_student(teacher, model_lib.init(student_cfg, args.seed),
+                                dataset.train, tcfg, cfg, cache=cache,
+                                workdir=out / recipes.TRAIN_DIR, on_step=record("distilled"))
+  models = {"teacher": teacher, "student (distilled)": student}
+  disk = {"teacher": export.disk_bytes(teacher_dir),
+          "student (distilled)": export.save_model(
+              student, out / recipes.MODEL_DIR, overwrite=args.overwrite,
+              metadata={"distill": dataclasses.asdict(cfg), "train": tcfg.to_dict(),
+                        "teacher": str(teacher_dir)})}
+  if args.baseline:
+    alone = train.fit(model_lib.init(student_cfg, args.seed), dataset.train, tcfg,
+                      workdir=out / "baseline" / recipes.TRAIN_DIR, run_name="baseline",
+                      desc="no teacher", on_step=record("no teacher"))
+    models["student (no teacher)"] = alone
+    disk["student (no teacher)"] = export.save_model(
+        alone, out / "baseline" / recipes.MODEL_DIR, overwrite=args.overwrite)
+  if jax.process_index() == 0:
+    png = plots.training_curves(history, out / "curves.png",
+                                f"{args.student_preset} from {teacher_dir}")
+    print(f"wrote {out / recipes.MODEL_DIR} and {png}")
+    _compare_and_print(models, dataset, disk, "teacher")
+  return 0
+
+
+def cmd_survey(args: argparse.Namespace) -> int:
+  settings = survey.Settings.quick_mode(args.preset) if args.quick else survey.Settings(
+      preset=args.preset)
+  overrides = {k: v for k, v in (("finetune_steps", args.finetune_steps),
+                                 ("student_epochs", args.student_epochs),
+                                 ("teacher_epochs", args.teacher_epochs)) if v is not None}
+  settings = dataclasses.replace(settings, **overrides)
+  out = pathlib.Path(args.out or ("checkpoints/survey-quick" if args.quick
+                                  else "checkpoints/survey"))
+  results = survey.run(settings, out, dataset=_load_data(args), teacher_dir=args.teacher)
+  print(survey.markdown(results))
+  print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'pareto.png'}")
+  return 0
+
+
+def vars_json(args: argparse.Namespace) -> dict:
+  """The parsed arguments as JSON-ready metadata."""
+  return {k: v for k, v in vars(args).items() if k != "func"}
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="vitjax", description="Make Vision Transformers smaller and faster.")
@@ -149,6 +309,73 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true")
   _add_data_args(p)
   p.set_defaults(func=cmd_quantize)
+
+  p = sub.add_parser("prune", help="prune a saved model, fine-tune it and compare")
+  p.add_argument("checkpoint", help="a run directory or its model/ directory")
+  p.add_argument("--method", required=True, choices=["magnitude", "global", "nm", "structured"],
+                 help="magnitude: per layer; global: one threshold; nm: N:M; structured: "
+                      "remove heads and MLP neurons")
+  p.add_argument("--sparsity", type=float, default=0.5, help="magnitude/global, in [0, 1)")
+  p.add_argument("--gradual", action="store_true",
+                 help="raise the sparsity along a cubic schedule during fine-tuning")
+  p.add_argument("--n", type=int, default=2)
+  p.add_argument("--m", type=int, default=4)
+  p.add_argument("--head-keep", type=float, default=0.75, help="structured: fraction kept")
+  p.add_argument("--mlp-keep", type=float, default=0.5, help="structured: fraction kept")
+  p.add_argument("--score", default="l2", choices=structured.SCORES)
+  _add_compress_args(p, ("embedding", "head"), "<source>-prune-<method>")
+  p.set_defaults(func=cmd_prune)
+
+  p = sub.add_parser("lowrank", help="factorize a saved model by SVD, fine-tune, compare")
+  p.add_argument("checkpoint", help="a run directory or its model/ directory")
+  group = p.add_mutually_exclusive_group(required=True)
+  group.add_argument("--rank", type=int)
+  group.add_argument("--energy", type=float, help="fraction of spectral energy kept")
+  group.add_argument("--budget", type=float, help="fraction of linear parameters kept")
+  p.add_argument("--data-aware", action="store_true",
+                 help="whiten by calibration activations before the SVD")
+  _add_compress_args(p, ("embedding", "head(_dist)?"), "<source>-lowrank")
+  p.set_defaults(func=cmd_lowrank)
+
+  p = sub.add_parser("distill", help="distill a student from a saved teacher")
+  p.add_argument("--teacher", required=True, help="the teacher's run or model directory")
+  p.add_argument("--student-preset", default="tiny-student", choices=sorted(PRESETS))
+  p.add_argument("--hard", type=float, default=0.5, help="weight of DeiT hard-label loss")
+  p.add_argument("--soft", type=float, default=0.0, help="weight of soft KL (use with --T)")
+  p.add_argument("--T", type=float, default=1.0, help="temperature of the soft loss")
+  p.add_argument("--ce", type=float, default=0.5, help="weight of the true-label loss")
+  p.add_argument("--feature", type=float, default=0.0, help="weight of feature MSE")
+  p.add_argument("--attention", type=float, default=0.0, help="weight of attention KL")
+  p.add_argument("--offline", type=int, default=0, metavar="K",
+                 help="cache the teacher's top-K logits once and train from the cache")
+  p.add_argument("--baseline", action="store_true",
+                 help="also train the same student without a teacher, same steps")
+  p.add_argument("--epochs", type=float, default=None)
+  p.add_argument("--steps", type=int, default=None)
+  p.add_argument("--batch-size", type=int, default=None)
+  p.add_argument("--lr", type=float, default=None)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="checkpoints/student")
+  p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--coordinator", default=None, help="multi-process: host:port of process 0")
+  p.add_argument("--num-processes", type=int, default=None)
+  p.add_argument("--process-id", type=int, default=None)
+  _add_data_args(p)
+  p.set_defaults(func=cmd_distill)
+
+  p = sub.add_parser("survey", help="the main job: every method and combination compared")
+  p.add_argument("--preset", default="tiny", choices=sorted(recipes.TEACHER_RECIPES))
+  p.add_argument("--quick", action="store_true",
+                 help="smoke run with a few steps per stage (checks the plumbing)")
+  p.add_argument("--teacher", default=None,
+                 help="run directory of a trained teacher (default <out>/teacher)")
+  p.add_argument("--finetune-steps", type=int, default=None)
+  p.add_argument("--student-epochs", type=float, default=None)
+  p.add_argument("--teacher-epochs", type=float, default=None)
+  p.add_argument("--out", default=None,
+                 help="default checkpoints/survey (checkpoints/survey-quick with --quick)")
+  _add_data_args(p)
+  p.set_defaults(func=cmd_survey)
   return parser
 
 

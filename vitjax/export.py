@@ -208,7 +208,7 @@ def save_model(model: Model, path: str | os.PathLike, *,
     checkpointer.save(tmp / ARRAYS_DIR, arrays)
     checkpointer.wait_until_finished()
     checkpointer.close()
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+    (tmp / META_FILE).write_text(json.dumps(meta, separators=(",", ":")))
     if path.exists():
       old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
       path.rename(old)

@@ -152,7 +152,7 @@ def check_params(config: ViTConfig, params: PyTree) -> None:
       raise ValueError(f"parameter {path} has shape {have}, the config expects {shape}")
   for path, leaf in got.items():
     for arr in jax.tree_util.tree_leaves(leaf):
-      if jnp.issubdtype(arr.dtype, jnp.floating) and not bool(jnp.isfinite(arr).all()):
+      if jnp.issubdtype(arr.dtype, jnp.floating) and not np.isfinite(np.asarray(arr)).all():
         raise ValueError(f"parameter {path} holds NaN or inf values")
 
 

@@ -32,6 +32,10 @@ def training_curves(history: dict[str, list[tuple[int, float]]], path: str | pat
     ax.grid(alpha=0.3)
     if any("/" in n for n in history):
       ax.legend(fontsize=8)
+  return _save(fig, title, path)
+
+
+def _save(fig: plt.Figure, title: str, path: str | pathlib.Path) -> pathlib.Path:
   fig.suptitle(title)
   fig.tight_layout()
   path = pathlib.Path(path)
@@ -85,10 +89,4 @@ def pareto(rows: dict[str, dict[str, float]], path: str | pathlib.Path,
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-  fig.suptitle(title)
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, title, path)

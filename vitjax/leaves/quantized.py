@@ -16,6 +16,7 @@ straight through the rounding.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -59,8 +60,12 @@ def quantize_per_channel(w: jax.Array, bits: int) -> aqt_tensor.QTensor:
   Values are round-to-nearest in [-(2^(b-1) - 1), 2^(b-1) - 1], stored as int8
   (int4 for 4 bits); |w - dequant| <= scale / 2 everywhere.
   """
-  quantizer = aqt_quantizer.quantizer_make(check_bits(bits))
-  qt, _ = quantizer.quant(jnp.asarray(w, jnp.float32), calibration_axes=[0])
+  return _quantize_per_channel(jnp.asarray(w, jnp.float32), check_bits(bits))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize_per_channel(w: jax.Array, bits: int) -> aqt_tensor.QTensor:
+  qt, _ = aqt_quantizer.quantizer_make(bits).quant(w, calibration_axes=[0])
   return qt.replace(scale_t=None)
 
 

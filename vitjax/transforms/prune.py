@@ -16,6 +16,7 @@ chosen layers, top-n of every m) are separate pieces.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -48,6 +49,7 @@ def _values(path: str, w: Any) -> jax.Array:
   return jnp.asarray(w)
 
 
+@jax.jit
 def topk_mask(scores: jax.Array, sparsity: float | jax.Array) -> jax.Array:
   """True for the `round((1 - sparsity) * size)` largest scores (ties: by order)."""
   flat = scores.reshape(-1)
@@ -57,6 +59,7 @@ def topk_mask(scores: jax.Array, sparsity: float | jax.Array) -> jax.Array:
   return (rank >= drop).reshape(scores.shape)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def n_m_mask(scores: jax.Array, n: int, m: int) -> jax.Array:
   """True for the n largest of every m consecutive entries along axis 0."""
   k, out = scores.shape
@@ -81,18 +84,17 @@ def magnitude(sparsity: float, *, scope: str = "layer", layers: Patterns = ALL,
   def prepare(model: Model, chosen: list[str]) -> float | None:
     if scope == "layer":
       return None
-    mags = jnp.concatenate([jnp.abs(_values(k, get_kernel(model.params, k))).reshape(-1)
-                            for k in chosen])
-    mask = topk_mask(mags, sparsity)
-    kept = jnp.where(mask, mags, jnp.inf)
-    return float(kept.min()) if bool(mask.any()) else float("inf")
+    mags = np.concatenate([np.abs(np.asarray(_values(k, get_kernel(model.params, k))))
+                           .reshape(-1) for k in chosen])
+    mask = np.asarray(topk_mask(jnp.asarray(mags), sparsity))
+    return float(mags[mask].min()) if mask.any() else float("inf")
 
   def prune(path: str, w: Any, threshold: float | None) -> Masked:
     values = _values(path, w)
     if threshold is None:
       mask = topk_mask(jnp.abs(values), sparsity)
     else:
-      mask = jnp.abs(values) >= threshold
+      mask = jnp.asarray(np.abs(np.asarray(values)) >= threshold)
     return Masked(values, mask)
 
   return layer_transform(f"magnitude-{scope}-{sparsity:g}", prune, layers=layers,

@@ -135,22 +135,22 @@ def slice_model(model: Model, head_keep: list[np.ndarray],
                 neuron_keep: list[np.ndarray]) -> Model:
   """The smaller model keeping, per block, the given head and neuron indices."""
   cfg = model.config
-  params = jax.tree_util.tree_map(lambda a: a, model.params)
+  params = jax.tree_util.tree_map(lambda a: a, model.params)  # fresh dicts
   hd = cfg.head_dim
   for i in range(cfg.depth):
     blk = _block(params, i)
     cols = np.concatenate([np.arange(h * hd, (h + 1) * hd) for h in head_keep[i]])
-    attn = blk[ATTN]
-    for name in ("query", "key", "value"):
-      attn[name] = {"kernel": jnp.asarray(attn[name]["kernel"])[:, cols],
-                    "bias": jnp.asarray(attn[name]["bias"])[cols]}
-    attn["out"] = {"kernel": jnp.asarray(attn["out"]["kernel"])[cols, :],
-                   "bias": attn["out"]["bias"]}
-    mlp = blk[MLP]
     keep = neuron_keep[i]
-    mlp["Dense_0"] = {"kernel": jnp.asarray(mlp["Dense_0"]["kernel"])[:, keep],
-                      "bias": jnp.asarray(mlp["Dense_0"]["bias"])[keep]}
-    mlp["Dense_1"] = {"kernel": jnp.asarray(mlp["Dense_1"]["kernel"])[keep, :],
+    attn, mlp = blk[ATTN], blk[MLP]
+    host = lambda a: np.asarray(a)
+    for name in ("query", "key", "value"):
+      attn[name] = {"kernel": jnp.asarray(host(attn[name]["kernel"])[:, cols]),
+                    "bias": jnp.asarray(host(attn[name]["bias"])[cols])}
+    attn["out"] = {"kernel": jnp.asarray(host(attn["out"]["kernel"])[cols, :]),
+                   "bias": attn["out"]["bias"]}
+    mlp["Dense_0"] = {"kernel": jnp.asarray(host(mlp["Dense_0"]["kernel"])[:, keep]),
+                      "bias": jnp.asarray(host(mlp["Dense_0"]["bias"])[keep])}
+    mlp["Dense_1"] = {"kernel": jnp.asarray(host(mlp["Dense_1"]["kernel"])[keep, :]),
                       "bias": mlp["Dense_1"]["bias"]}
   config = cfg.replace(block_heads=tuple(len(h) for h in head_keep),
                        block_mlp_dims=tuple(len(n) for n in neuron_keep))

@@ -1,0 +1,288 @@
+"""The main job: the survey's comparison of every method and combination.
+
+Trains (or reuses) the teacher, builds every entry of `METHODS` from it, saves
+each as an orbax checkpoint under `<out>/<method>/`, measures top-1 on the test
+split, bytes on disk, parameters, FLOPs, batch-1 latency and batch-256
+throughput of all of them side by side in one process, and writes
+`results.json`, `results.md` and `pareto.png`.
+
+A method is one `Method` entry: a name, its family, the methods it starts
+from, and a `build(context, sources) -> Model` function. Adding a method or a
+combination is adding one entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import pathlib
+import platform
+import time
+from typing import Any, Callable
+
+import jax
+from tqdm.auto import tqdm
+
+from vitjax import data as data_lib
+from vitjax import distill, evaluate, export, plots, recipes, train
+from vitjax import model as model_lib
+from vitjax.model import Model
+from vitjax.models.config import preset
+from vitjax.transforms import chain, lowrank, prune, quantize, structured
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Budgets of one survey run.
+
+  Attributes:
+    preset: teacher preset ("tiny" on CPU; "s16"/"b16" on GPU/TPU).
+    finetune_steps: steps of fine-tuning after pruning, low-rank and QAT.
+    student_epochs: distillation epochs of the student.
+    teacher_epochs: None: the preset's recipe.
+    calibration: images for static quantization.
+    quick: a smoke run (few steps, small test subset) that checks the plumbing.
+  """
+
+  preset: str = "tiny"
+  finetune_steps: int = 150
+  student_epochs: float | None = None
+  teacher_epochs: float | None = None
+  calibration: int = 512
+  test_images: int | None = None
+  quick: bool = False
+
+  @classmethod
+  def quick_mode(cls, preset_name: str = "tiny") -> Settings:
+    return cls(preset=preset_name, finetune_steps=4, student_epochs=0.02,
+               teacher_epochs=0.05, calibration=64, test_images=500, quick=True)
+
+
+@dataclasses.dataclass
+class Context:
+  """What the methods are built from."""
+
+  teacher: Model
+  dataset: data_lib.Dataset
+  settings: Settings
+  out: pathlib.Path
+  progress: bool = True
+
+  def finetune(self, model: Model, name: str, post_update: Any = None,
+               learning_rate: float = 3e-4) -> Model:
+    cfg = recipes.finetune_config(len(self.dataset.train), self.settings.finetune_steps,
+                                  learning_rate=learning_rate)
+    return train.fit(model, self.dataset.train, cfg, workdir=self.out / name / "train",
+                     post_update=post_update, progress=self.progress, run_name=name,
+                     desc=name)
+
+
+Build = Callable[[Context, dict[str, Model]], Model]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One row of the survey table."""
+
+  name: str
+  family: str
+  build: Build
+  sources: tuple[str, ...] = ()
+  description: str = ""
+
+
+def _student(ctx: Context, _: dict[str, Model]) -> Model:
+  teacher = ctx.teacher
+  name = recipes.STUDENT_PRESETS.get(ctx.settings.preset, "tiny-student")
+  config = preset(name, num_classes=teacher.config.num_classes,
+                  channels=teacher.config.channels, image_size=teacher.config.image_size)
+  tcfg = recipes.student_train_config(name, len(ctx.dataset.train),
+                                      epochs=ctx.settings.student_epochs)
+  cache = distill.cached_teacher(teacher, ctx.dataset.train, tcfg,
+                                 ctx.out / "student" / "teacher_cache.npz",
+                                 progress=ctx.progress)
+  return distill.fit_student(teacher, model_lib.init(config, 0), ctx.dataset.train, tcfg,
+                             distill.DistillConfig(ce=0.5, hard=0.5), cache=cache,
+                             workdir=ctx.out / "student" / "train", progress=ctx.progress)
+
+
+def _static_int8(ctx: Context, src: dict[str, Model]) -> Model:
+  calib = ctx.dataset.calibration.images[:ctx.settings.calibration]
+  return quantize.static_int8(calib, progress=ctx.progress)(src["teacher"])
+
+
+def _qat_int4(ctx: Context, src: dict[str, Model]) -> Model:
+  wrapped = quantize.qat(4, act_bits=None)(src["teacher"])
+  return quantize.convert_qat()(ctx.finetune(wrapped, "qat-int4"))
+
+
+def _structured(ctx: Context, src: dict[str, Model], name: str, source: str,
+                head_keep: float, mlp_keep: float) -> Model:
+  small = structured.heads_and_neurons(head_keep=head_keep, mlp_keep=mlp_keep)(src[source])
+  return ctx.finetune(small, name, learning_rate=5e-4)
+
+
+METHODS: list[Method] = [
+    Method("dynamic-int8", "quantization",
+           lambda ctx, src: quantize.dynamic_int8()(src["teacher"]), ("teacher",),
+           "int8 weights, int8 activations scaled per token at run time (AQT)"),
+    Method("static-int8", "quantization", _static_int8, ("teacher",),
+           "W8A8 PTQ, activation scales from 99.99th-percentile calibration"),
+    Method("weight-int4", "quantization",
+           lambda ctx, src: quantize.weight_only(4)(src["teacher"]), ("teacher",),
+           "int4 weights (packed), float activations, no training"),
+    Method("qat-int4", "quantization", _qat_int4, ("teacher",),
+           "int4 weights fine-tuned through AQT fake quantization"),
+    Method("lowrank-50%", "low-rank",
+           lambda ctx, src: ctx.finetune(lowrank.svd(param_budget=0.5)(src["teacher"]),
+                                         "lowrank-50%"), ("teacher",),
+           "SVD keeping half the block parameters, fine-tuned"),
+    Method("prune-50%", "pruning",
+           lambda ctx, src: ctx.finetune(prune.magnitude(0.5, exclude=("embedding", "head"))(
+               src["teacher"]), "prune-50%"), ("teacher",),
+           "50% unstructured magnitude masks, fine-tuned"),
+    Method("prune-2:4", "pruning",
+           lambda ctx, src: ctx.finetune(prune.n_m(2, 4, exclude=("embedding", "head"))(
+               src["teacher"]), "prune-2:4"), ("teacher",),
+           "2:4 sparsity, fine-tuned"),
+    Method("structured", "pruning",
+           lambda ctx, src: _structured(ctx, src, "structured", "teacher", 0.75, 0.5),
+           ("teacher",), "25% of heads and 50% of MLP neurons removed (L2), fine-tuned"),
+    Method("student", "distillation", _student, (),
+           "DeiT student (distillation token) trained from the teacher's cached logits"),
+    Method("student+int8", "combination",
+           lambda ctx, src: quantize.dynamic_int8()(src["student"]), ("student",),
+           "distilled student, dynamic int8"),
+    Method("prune-50%+int8", "combination",
+           lambda ctx, src: quantize.dynamic_int8()(src["prune-50%"]), ("prune-50%",),
+           "50% pruned, then dynamic int8"),
+    Method("lowrank-50%+int8", "combination",
+           lambda ctx, src: quantize.dynamic_int8()(src["lowrank-50%"]), ("lowrank-50%",),
+           "low-rank factors, then dynamic int8"),
+    Method("student+structured+int4", "combination",
+           lambda ctx, src: quantize.weight_only(4)(
+               _structured(ctx, src, "student+structured", "student", 0.5, 0.5)),
+           ("student",), "student, half its heads and neurons removed, fine-tuned, int4"),
+]
+
+
+def _order(methods: list[Method]) -> list[Method]:
+  """Methods sorted so every source is built before it is used."""
+  done, ordered, pending = {"teacher"}, [], list(methods)
+  while pending:
+    ready = [m for m in pending if set(m.sources) <= done]
+    if not ready:
+      raise ValueError(f"methods with missing sources: {[m.name for m in pending]}")
+    for m in ready:
+      ordered.append(m)
+      done.add(m.name)
+      pending.remove(m)
+  return ordered
+
+
+def run(settings: Settings, out: str | pathlib.Path = "checkpoints/survey", *,
+        dataset: data_lib.Dataset | None = None, methods: list[Method] | None = None,
+        teacher_dir: str | pathlib.Path | None = None, progress: bool = True
+        ) -> dict[str, Any]:
+  """Runs the survey; returns (and writes) the results.
+
+  Args:
+    settings: budgets (see `Settings`).
+    out: where the teacher run, each method's checkpoint and the results go.
+    dataset: defaults to Fashion-MNIST from local files.
+    methods: defaults to `METHODS`.
+    teacher_dir: a run directory holding a trained teacher (default
+      `<out>/teacher`, trained there if absent).
+  """
+  out = pathlib.Path(out)
+  methods = _order(methods if methods is not None else METHODS)
+  dataset = dataset or data_lib.load("fashion_mnist")
+  test = dataset.test if settings.test_images is None else \
+      dataset.test.take(slice(0, settings.test_images))
+  started = time.perf_counter()
+  stages = tqdm(total=len(methods) + 2, desc="survey", disable=not progress,
+                dynamic_ncols=True, position=0)
+
+  stages.set_postfix_str("teacher")
+  teacher_run = pathlib.Path(teacher_dir or out / "teacher")
+  config = recipes.model_config(settings.preset, dataset)
+  tcfg = recipes.teacher_train_config(settings.preset, len(dataset.train),
+                                      epochs=settings.teacher_epochs)
+  teacher = recipes.train_teacher(teacher_run, config, dataset, tcfg, progress=progress)
+  stages.update(1)
+  ctx = Context(teacher, dataset, settings, out, progress)
+  built: dict[str, Model] = {"teacher": teacher}
+  seconds: dict[str, float] = {}
+  for m in methods:
+    stages.set_postfix_str(m.name)
+    t = time.perf_counter()
+    built[m.name] = m.build(ctx, {s: built[s] for s in m.sources})
+    seconds[m.name] = time.perf_counter() - t
+    stages.update(1)
+
+  stages.set_postfix_str("measure")
+  disk = {"teacher": export.disk_bytes(teacher_run / recipes.MODEL_DIR)}
+  for name, model in built.items():
+    if name != "teacher":
+      disk[name] = export.save_model(model, out / name / recipes.MODEL_DIR, overwrite=True,
+                                     metadata={"survey_method": name})
+  reports = evaluate.compare(built, test, disk_bytes=disk, rounds=3 if settings.quick else 7)
+  stages.update(1)
+  stages.close()
+  results = _results(settings, methods, reports, seconds, time.perf_counter() - started)
+  write(results, out)
+  return results
+
+
+def _results(settings: Settings, methods: list[Method], reports: dict[str, evaluate.Report],
+             seconds: dict[str, float], total: float) -> dict[str, Any]:
+  ref = reports["teacher"]
+  families = {m.name: m.family for m in methods}
+  descriptions = {m.name: m.description for m in methods}
+  rows = {}
+  for name, r in reports.items():
+    rows[name] = {
+        "family": families.get(name, "reference"),
+        "description": descriptions.get(name, "fp32 teacher"),
+        "accuracy": r.accuracy * 100, "accuracy_drop": (ref.accuracy - r.accuracy) * 100,
+        "disk_bytes": r.disk_bytes, "size_ratio": r.disk_bytes / ref.disk_bytes,
+        "params": r.params, "flops": r.flops, "latency_ms": r.latency_ms,
+        "speedup": ref.latency_ms / r.latency_ms, "throughput": r.throughput,
+        "throughput_ratio": r.throughput / ref.throughput,
+        "build_seconds": round(seconds.get(name, 0.0), 1)}
+  return {
+      "date": datetime.date.today().isoformat(),
+      "machine": f"{platform.machine()}, {jax.default_backend()} "
+                 f"({jax.devices()[0].device_kind}), {len(jax.devices())} device(s)",
+      "settings": dataclasses.asdict(settings),
+      "total_seconds": round(total, 1),
+      "rows": rows,
+  }
+
+
+def markdown(results: dict[str, Any]) -> str:
+  """The results as a Markdown table (ratios to the fp32 teacher)."""
+  lines = [f"Survey run of {results['date']} on {results['machine']}, "
+           f"{results['total_seconds'] / 60:.1f} min"
+           + (" (QUICK smoke run: figures are not meaningful)" if results["settings"]["quick"]
+              else ""), "",
+           "| method | family | top-1 % | Δ pt | disk bytes | size | params | MFLOPs "
+           "| latency b=1 | throughput b=256 |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for name, r in results["rows"].items():
+    lines.append(
+        f"| {name} | {r['family']} | {r['accuracy']:.2f} | {-r['accuracy_drop']:+.2f} "
+        f"| {r['disk_bytes']:,} | {r['size_ratio']:.3f}x | {r['params']:,} "
+        f"| {r['flops'] / 1e6:.1f} | {r['latency_ms']:.2f} ms ({r['speedup']:.2f}x) "
+        f"| {r['throughput']:.0f}/s ({r['throughput_ratio']:.2f}x) |")
+  return "\n".join(lines) + "\n"
+
+
+def write(results: dict[str, Any], out: pathlib.Path) -> None:
+  """results.json, results.md and pareto.png under `out`."""
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "results.json").write_text(json.dumps(results, indent=1))
+  (out / "results.md").write_text(markdown(results))
+  plots.pareto(results["rows"], out / "pareto.png",
+               f"vitjax survey, {results['date']}, {results['machine']}")
