@@ -3,12 +3,15 @@
 A model directory holds:
   vitjax.json   the config, a description of every leaf of the parameter tree
                 (plain array, or a registered leaf type with its static fields),
-                each stored array's dtype, shape and SHA-256, and free metadata;
-  arrays/       one orbax checkpoint of a flat dict of numpy arrays.
+                where each array lies in which buffer, its dtype and shape,
+                every buffer's SHA-256, and free metadata;
+  arrays/       one orbax checkpoint of a dict of 1-D buffers, one per dtype.
 
 Arrays are stored in their own dtype: int8 stays int8, int4 is packed two
 values per byte, boolean masks one bit per value; no float copy of a quantized
-weight is written. Saving writes into a temporary sibling directory and renames
+weight is written. The flattened arrays are concatenated into one buffer per
+stored dtype (each with a SHA-256), so a checkpoint holds a handful of arrays
+and its metadata stays small next to the weights. Saving writes into a temporary sibling directory and renames
 it into place, so an interrupted save leaves nothing half-written; loading
 verifies every checksum and the tree against the config, so a corrupt or
 truncated checkpoint is refused with a clear error.
@@ -87,8 +90,7 @@ def _encode_array(x: Any) -> tuple[np.ndarray, dict[str, Any]]:
     stored, info["codec"] = np.packbits(x.reshape(-1)), "bits"
   else:
     stored, info["codec"] = x, "raw"
-  info["sha256"] = hashlib.sha256(np.ascontiguousarray(stored).tobytes()).hexdigest()
-  return stored, info
+  return stored.reshape(-1), info
 
 
 def _decode_array(stored: np.ndarray, info: dict[str, Any]) -> np.ndarray:
@@ -101,6 +103,25 @@ def _decode_array(stored: np.ndarray, info: dict[str, Any]) -> np.ndarray:
   if codec == "raw":
     return stored.reshape(shape).astype(dtype)
   raise CheckpointError(f"unknown array codec {codec!r}")
+
+
+def _pack(arrays: dict[str, np.ndarray], infos: dict[str, Any]
+          ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """Concatenates the flat stored arrays into one buffer per dtype.
+
+  Records each array's buffer, offset and length in `infos`; returns the
+  buffers and each buffer's SHA-256.
+  """
+  parts: dict[str, list[np.ndarray]] = {}
+  for name, flat in arrays.items():
+    buffer = str(flat.dtype)
+    offset = sum(len(a) for a in parts.get(buffer, []))
+    parts.setdefault(buffer, []).append(flat)
+    infos[name].update(buffer=buffer, offset=offset, length=len(flat))
+  buffers = {k: np.concatenate(v) for k, v in parts.items()}
+  digests = {k: hashlib.sha256(np.ascontiguousarray(b).tobytes()).hexdigest()
+             for k, b in buffers.items()}
+  return buffers, digests
 
 
 # ---------------------------------------------------------------- tree codec
@@ -199,13 +220,14 @@ def save_model(model: Model, path: str | os.PathLike, *,
   arrays: dict[str, np.ndarray] = {}
   infos: dict[str, Any] = {}
   tree = _encode(jax.device_get(model.params), "params", arrays, infos)
+  buffers, digests = _pack(arrays, infos)
   meta = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
-          "tree": tree, "arrays": infos, "metadata": metadata or {}}
+          "tree": tree, "arrays": infos, "buffers": digests, "metadata": metadata or {}}
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
   try:
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp / ARRAYS_DIR, arrays)
+    checkpointer.save(tmp / ARRAYS_DIR, buffers)
     checkpointer.wait_until_finished()
     checkpointer.close()
     (tmp / META_FILE).write_text(json.dumps(meta, separators=(",", ":")))
@@ -264,7 +286,7 @@ def load_model(path: str | os.PathLike, expect_config: ViTConfig | None = None) 
              if expect_config.to_dict()[k] != v}
     raise CheckpointError(f"{path} was saved for a different model config "
                           f"(field: (saved, expected)) {diffs}")
-  infos = meta["arrays"]
+  infos, digests = meta["arrays"], meta["buffers"]
   try:
     checkpointer = ocp.StandardCheckpointer()
     stored = checkpointer.restore(path.absolute() / ARRAYS_DIR)
@@ -272,17 +294,19 @@ def load_model(path: str | os.PathLike, expect_config: ViTConfig | None = None) 
   except Exception as e:  # orbax/tensorstore raise many types for bad files
     raise CheckpointError(f"{path} is corrupt or truncated: its arrays cannot be read "
                           f"({type(e).__name__}: {str(e)[:300]})") from e
-  if set(stored) != set(infos):
-    raise CheckpointError(f"{path} is corrupt: arrays {sorted(set(infos) ^ set(stored))[:5]} "
+  if set(stored) != set(digests):
+    raise CheckpointError(f"{path} is corrupt: buffers {sorted(set(digests) ^ set(stored))} "
                           "are missing or unexpected")
+  for name, digest in digests.items():
+    data = np.ascontiguousarray(np.asarray(stored[name]))
+    if hashlib.sha256(data.tobytes()).hexdigest() != digest:
+      raise CheckpointError(f"{path} is corrupt: the {name} buffer fails its SHA-256 check")
   arrays = {}
   for name, info in infos.items():
-    data = np.asarray(stored[name])
-    digest = hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
-    if digest != info["sha256"]:
-      raise CheckpointError(f"{path} is corrupt: array {name} ({info.get('path', '?')}) "
-                            "fails its SHA-256 check")
-    arrays[name] = _decode_array(data, info)
+    buffer = np.asarray(stored[info["buffer"]])
+    if info["offset"] + info["length"] > len(buffer):
+      raise CheckpointError(f"{path} is corrupt: {info['path']} lies outside its buffer")
+    arrays[name] = _decode_array(buffer[info["offset"]:info["offset"] + info["length"]], info)
   params = _decode(meta["tree"], arrays)
   model_lib.check_params(config, params)
   params = jax.tree_util.tree_map(jnp.asarray, params)
