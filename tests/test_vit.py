@@ -101,6 +101,34 @@ def test_intermediates_have_block_shapes():
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
 
 
+def test_shifted_views_by_hand():
+  img = jnp.arange(1, 10, dtype=jnp.float32).reshape(1, 3, 3, 1)
+  views = np.asarray(vit.shifted_views(img, 1))[0]
+  assert views.shape == (3, 3, 5)
+  np.testing.assert_array_equal(views[..., 0], np.arange(1, 10).reshape(3, 3))
+  # Channel 1 shows the image moved down-right by one pixel (it reads the
+  # pixel up-left of each position), zero-filled at the top and left.
+  np.testing.assert_array_equal(views[..., 1], [[0, 0, 0], [0, 1, 2], [0, 4, 5]])
+  np.testing.assert_array_equal(views[..., 4], [[5, 6, 0], [8, 9, 0], [0, 0, 0]])
+
+
+def test_spt_tokenizer_embeds_five_views():
+  cfg = TINY.replace(tokenizer="spt")
+  m = model_lib.init(cfg, 0)
+  paths = dict(model_lib.weight_leaves(m.params))
+  assert paths["embedding/kernel"].shape == (5 * 4 * 4 * 1, 16)
+  assert paths["embedding_norm/scale"].shape == (5 * 4 * 4 * 1,)
+  images = _images(cfg)
+  patches = vit.patchify(vit.shifted_views(images, 2), 4)
+  mean = patches.mean(-1, keepdims=True)
+  normed = (patches - mean) / jnp.sqrt(patches.var(-1, keepdims=True) + 1e-6)
+  # The patch LayerNorm is the identity map at init, so the embedding's input
+  # is each shifted patch normalized over its 80 features.
+  np.testing.assert_allclose(np.asarray(model_lib.linear_inputs(m, images)["embedding"]),
+                             np.asarray(normed), atol=1e-4)
+  assert model_lib.apply(m, images).shape == (3, 4)
+
+
 def test_per_block_widths_shrink_params():
   cfg = TINY.replace(block_heads=(1, 2), block_mlp_dims=(8, 32))
   m = model_lib.init(cfg, 0)
@@ -131,6 +159,7 @@ def test_stored_bytes_and_param_count():
     (dict(dim=30, num_heads=4), "dim=30 is not divisible by num_heads=4"),
     (dict(image_size=28, patch_size=5), "image_size=28 is not divisible by patch_size=5"),
     (dict(depth=0), "depth must be a positive int"),
+    (dict(tokenizer="conv"), "tokenizer must be 'patch' or 'spt', got 'conv'"),
     (dict(block_heads=(1,)), "block_heads has 1 entries, expected depth=2"),
     (dict(block_mlp_dims=(8, 64)), r"block_mlp_dims\[1\]=64 is outside 1..32"),
 ])

@@ -37,7 +37,7 @@ STUDENT_PRESETS = {"tiny": "tiny-student", "s16": "ti16-student", "b16": "ti16-s
 
 # Distillation recipes per student preset (offline cache of the teacher's logits).
 STUDENT_RECIPES: dict[str, dict[str, Any]] = {
-    "tiny-student": dict(epochs=8.0, batch_size=128, learning_rate=2e-3, warmup_steps=100,
+    "tiny-student": dict(epochs=6.0, batch_size=128, learning_rate=2e-3, warmup_steps=100,
                          weight_decay=0.05, label_smoothing=0.0),
     "ti16-student": dict(epochs=30.0, batch_size=256, learning_rate=1e-3, warmup_steps=1000,
                          weight_decay=0.05, label_smoothing=0.0, crop_pad=2, flip=True,

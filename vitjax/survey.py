@@ -46,7 +46,7 @@ class Settings:
   """
 
   preset: str = "tiny"
-  finetune_steps: int = 150
+  finetune_steps: int = 100
   student_epochs: float | None = None
   teacher_epochs: float | None = None
   calibration: int = 512
@@ -107,9 +107,9 @@ def _student(ctx: Context, _: dict[str, Model]) -> Model:
                              workdir=ctx.out / "student" / "train", progress=ctx.progress)
 
 
-def _static_int8(ctx: Context, src: dict[str, Model]) -> Model:
+def _static_int8(ctx: Context, model: Model) -> Model:
   calib = ctx.dataset.calibration.images[:ctx.settings.calibration]
-  return quantize.static_int8(calib, progress=ctx.progress)(src["teacher"])
+  return quantize.static_int8(calib, progress=ctx.progress)(model)
 
 
 def _qat_int4(ctx: Context, src: dict[str, Model]) -> Model:
@@ -127,7 +127,8 @@ METHODS: list[Method] = [
     Method("dynamic-int8", "quantization",
            lambda ctx, src: quantize.dynamic_int8()(src["teacher"]), ("teacher",),
            "int8 weights, int8 activations scaled per token at run time (AQT)"),
-    Method("static-int8", "quantization", _static_int8, ("teacher",),
+    Method("static-int8", "quantization",
+           lambda ctx, src: _static_int8(ctx, src["teacher"]), ("teacher",),
            "W8A8 PTQ, activation scales from 99.99th-percentile calibration"),
     Method("weight-int4", "quantization",
            lambda ctx, src: quantize.weight_only(4)(src["teacher"]), ("teacher",),
@@ -152,8 +153,8 @@ METHODS: list[Method] = [
     Method("student", "distillation", _student, (),
            "DeiT student (distillation token) trained from the teacher's cached logits"),
     Method("student+int8", "combination",
-           lambda ctx, src: quantize.dynamic_int8()(src["student"]), ("student",),
-           "distilled student, dynamic int8"),
+           lambda ctx, src: _static_int8(ctx, src["student"]), ("student",),
+           "distilled student, static W8A8 PTQ"),
     Method("prune-50%+int8", "combination",
            lambda ctx, src: quantize.dynamic_int8()(src["prune-50%"]), ("prune-50%",),
            "50% pruned, then dynamic int8"),

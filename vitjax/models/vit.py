@@ -128,6 +128,18 @@ def patchify(images: jax.Array, patch: int) -> jax.Array:
   return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
+def shifted_views(images: jax.Array, shift: int) -> jax.Array:
+  """(B, H, W, C) -> (B, H, W, 5C): the image and its four diagonal shifts by
+  `shift` pixels (zero-filled), stacked on channels (SPT's input)."""
+  _, h, w, _ = images.shape
+  padded = jnp.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
+  views = [images]
+  for dy, dx in ((-1, -1), (-1, 1), (1, -1), (1, 1)):
+    y0, x0 = shift + dy * shift, shift + dx * shift
+    views.append(padded[:, y0:y0 + h, x0:x0 + w])
+  return jnp.concatenate(views, axis=-1)
+
+
 class VisionTransformer(nn.Module):
   """ViT (class token or mean pooling) or DeiT (plus a distillation token and
   a second head).
@@ -145,8 +157,13 @@ class VisionTransformer(nn.Module):
   def __call__(self, images: jax.Array, heads: str = "mean"):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    x = Linear(cfg.dim, name="embedding")(
-        patchify(images.astype(dtype), cfg.patch_size))
+    images = images.astype(dtype)
+    if cfg.tokenizer == "spt":
+      patches = patchify(shifted_views(images, cfg.patch_size // 2), cfg.patch_size)
+      patches = nn.LayerNorm(dtype=dtype, name="embedding_norm")(patches)
+    else:
+      patches = patchify(images, cfg.patch_size)
+    x = Linear(cfg.dim, name="embedding")(patches)
     b = x.shape[0]
     prefix = []
     if cfg.pool == "tok":
