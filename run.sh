@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # vitjax on a fresh Debian/Ubuntu machine, in one command each:
-#   bash run.sh main [ARGS...]   install, then run the main job (vitjax train)
+#   bash run.sh main [ARGS...]   install, then run the main job (vitjax survey)
 #   bash run.sh test [ARGS...]   install, then run the whole test suite
 # Idempotent: a second run reuses the virtual environment (.venv) and the
 # dataset package; it reinstalls only when pyproject.toml or constraints.txt
@@ -58,7 +58,7 @@ case "$mode" in
   main)
     install_python
     install_dataset
-    exec .venv/bin/vitjax train "$@"
+    exec .venv/bin/vitjax survey "$@"
     ;;
   test)
     install_python

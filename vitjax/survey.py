@@ -29,7 +29,7 @@ from vitjax import distill, evaluate, export, plots, recipes, train
 from vitjax import model as model_lib
 from vitjax.model import Model
 from vitjax.models.config import preset
-from vitjax.transforms import chain, lowrank, prune, quantize, structured
+from vitjax.transforms import lowrank, prune, quantize, structured
 
 
 @dataclasses.dataclass(frozen=True)
