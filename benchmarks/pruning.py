@@ -27,8 +27,8 @@ def variants(model: model_lib.Model) -> dict[str, model_lib.Model]:
           head_keep=0.5, mlp_keep=0.5)(model),
       "structured heads 50% / mlp 25%": structured.heads_and_neurons(
           head_keep=0.5, mlp_keep=0.25)(model),
-      "unstructured 50% (masked)": prune.magnitude(0.5)(model),
-      "2:4 (masked)": prune.n_m(2, 4)(model),
+      "unstructured 50% (masked)": prune.magnitude(0.5, exclude=("embedding", "head"))(model),
+      "2:4 (masked)": prune.n_m(2, 4, exclude=("embedding", "head"))(model),
       "low-rank 50% params": lowrank.svd(param_budget=0.5)(model),
   }
 
