@@ -9,7 +9,7 @@ from helpers import TINY, noisy_model, synthetic_split
 from vitjax import export, leaves, sharding, train
 from vitjax import model as model_lib
 from vitjax.leaves import Masked, QuantizedWeight
-from vitjax.transforms import chain, only, prune, structured
+from vitjax.transforms import chain, lowrank, only, prune, structured
 from vitjax.transforms import quantize as q
 
 CFG = TINY.replace(dim=32, mlp_dim=64, num_heads=4)
@@ -134,6 +134,30 @@ def test_pruned_then_quantized_keeps_the_zeros(tmp_path):
   export.save_model(pq, tmp_path / "m")
   back = export.load_model(tmp_path / "m")
   np.testing.assert_array_equal(model_lib.apply(back, _images()), model_lib.apply(pq, _images()))
+
+
+def test_static_int8_of_a_pruned_model_equals_static_int8_of_its_masked_weights(tmp_path):
+  pruned = prune.magnitude(0.5, exclude=("embedding", "head"))(_model())
+  dense = pruned.replace(params=jax.tree_util.tree_map(
+      lambda leaf: leaves.constrain(leaf).w if isinstance(leaf, Masked) else leaf,
+      pruned.params, is_leaf=lambda x: isinstance(x, Masked)))
+  calib = synthetic_split(32, CFG).images
+  pq = q.static_int8(calib, progress=False)(pruned)
+  dq = q.static_int8(calib, progress=False)(dense)
+  leaf = _kernels(pq)["Transformer/encoderblock_1/MlpBlock_3/Dense_1"]
+  assert isinstance(leaf, Masked) and leaf.w.activations == "static"
+  assert leaf.w.act_scale == _kernels(dq)["Transformer/encoderblock_1/MlpBlock_3/Dense_1"].act_scale
+  images = _images()
+  np.testing.assert_array_equal(model_lib.apply(pq, images), model_lib.apply(dq, images))
+  export.save_model(pq, tmp_path / "m")
+  np.testing.assert_array_equal(model_lib.apply(export.load_model(tmp_path / "m"), images),
+                                model_lib.apply(pq, images))
+
+
+def test_static_int8_refuses_low_rank_layers():
+  small = lowrank.svd(rank=2)(_model())
+  with pytest.raises(ValueError, match="low-rank layer's second factor is not calibrated"):
+    q.static_int8(synthetic_split(8, CFG).images, progress=False)(small)
 
 
 def _zero_head(model, block, head):

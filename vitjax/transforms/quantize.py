@@ -25,7 +25,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.leaves import FakeQuantWeight, QuantizedWeight, map_weights
+from vitjax.leaves import FakeQuantWeight, Masked, QuantizedWeight, map_weights
 from vitjax.leaves.quantized import check_bits, quantize_per_channel
 from vitjax.model import Model
 from vitjax.transforms import calibrate
@@ -92,7 +92,8 @@ def static_int8(calibration: np.ndarray, *, calibrator: str = "percentile",
 
   Raises:
     ValueError: bits outside 2..8, unknown calibrator, percentile outside
-      (0, 100], an empty calibration set or one holding NaN/inf.
+      (0, 100], an empty calibration set or one holding NaN/inf (now); a
+      low-rank layer (when applied; pruned layers are fine).
   """
   check_bits(bits)
   if calibrator not in calibrate.CALIBRATORS:
@@ -110,12 +111,19 @@ def static_int8(calibration: np.ndarray, *, calibrator: str = "percentile",
   def quantize(path: str, w: Any, stats: dict[str, calibrate.ActivationStats]) -> Any:
     s = stats[path]
     bound = calibrate.choose_bound(s.hist, calibrator, percentile=percentile, bits=8)
+    def calibrated(q: QuantizedWeight) -> QuantizedWeight:
+      return q.replace(act_scale=jnp.float32(bound / calibrate.quant_bound(8)),
+                       act_shift=jnp.float32(s.shift) if s.shift else None)
     leaf = weights(path, w, None)
-    if not isinstance(leaf, QuantizedWeight):
-      raise ValueError(f"layer {path}: static activation quantization needs a plain "
-                       f"weight, got {type(w).__name__}; use dynamic_int8 for it")
-    return leaf.replace(act_scale=jnp.float32(bound / calibrate.quant_bound(8)),
-                        act_shift=jnp.float32(s.shift) if s.shift else None)
+    if isinstance(leaf, QuantizedWeight):
+      return calibrated(leaf)
+    if isinstance(leaf, Masked) and isinstance(leaf.w, QuantizedWeight):
+      # A pruned layer sees the same input as the dense one: its calibrated
+      # scale goes on the quantized values inside the mask.
+      return leaf.replace(w=calibrated(leaf.w))
+    raise ValueError(f"layer {path}: static activation quantization needs a plain or "
+                     f"masked weight, got {type(w).__name__} (the input of a low-rank "
+                     "layer's second factor is not calibrated); use dynamic_int8 for it")
 
   return layer_transform(f"static-w{bits}a8-{calibrator}", quantize, layers=layers,
                          exclude=exclude, prepare=prepare)
