@@ -56,10 +56,9 @@ def main(variants: Variants, description: str) -> dict:
           f"| {r['latency_ms']:.3f} | {r['speedup']:.2f}x | {r['throughput']:.0f} "
           f"| {r['throughput_ratio']:.2f}x |")
   for name, r in rows.items():
-    if name != ref and (r["speedup"] < 0.95 or r["throughput_ratio"] < 0.95):
-      print(f"note: {name} is SLOWER than {ref} on this {jax.default_backend()} backend "
-            f"(latency x{1 / r['speedup']:.2f}, throughput x{r['throughput_ratio']:.2f}); "
-            "what it saves here is size, not time.")
+    note = evaluate.slowdown_note(name, ref, 1 / r["speedup"], r["throughput_ratio"])
+    if name != ref and note:
+      print(note)
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps({"device": device, "rows": rows}, indent=1))
   return rows

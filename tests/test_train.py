@@ -141,3 +141,18 @@ def test_optimizer_masks_weight_decay():
   updates, _ = opt.update(zero, opt.init(params), params)
   new = optax.apply_updates(params, updates)
   assert np.all(new[0] < 1) and np.all(new[1] == 1)
+
+
+def test_slowdown_note_only_past_five_percent():
+  assert evaluate.slowdown_note("int8", "fp32", 1.0, 1.0) is None
+  assert evaluate.slowdown_note("int8", "fp32", 1.05, 1 / 1.05) is None
+  note = evaluate.slowdown_note("int4", "fp32", 1.43, 0.99)
+  assert "int4 is SLOWER than fp32" in note and "latency x1.43" in note
+  assert "throughput x0.99" in note
+  assert evaluate.slowdown_note("masked", "dense", 1.0, 0.90) is not None
+  reports = {name: evaluate.Report(accuracy=0.9, params=1, bytes=1, flops=1,
+                                   latency_ms=lat, throughput=thr)
+             for name, lat, thr in (("fp32", 2.0, 100.0), ("fast", 1.0, 200.0),
+                                    ("slow", 3.0, 100.0))}
+  notes = evaluate.speed_notes(reports, "fp32")
+  assert len(notes) == 1 and "slow is SLOWER" in notes[0] and "x1.50" in notes[0]

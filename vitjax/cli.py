@@ -10,14 +10,13 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from vitjax import data as data_lib
 import jax
 
+from vitjax import data as data_lib
 from vitjax import distill, evaluate, export, plots, recipes, sharding, survey, train
 from vitjax import model as model_lib
-from vitjax.models.config import preset
+from vitjax.models.config import PRESETS, preset
 from vitjax.transforms import calibrate, lowrank, prune, quantize, structured
-from vitjax.models.config import PRESETS
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -111,11 +110,16 @@ def _compare_and_print(models: dict, dataset: data_lib.Dataset, disk: dict[str, 
   return reports
 
 
-def cmd_quantize(args: argparse.Namespace) -> int:
+def _load_source(args: argparse.Namespace):
   model_dir = recipes.model_dir_of(args.checkpoint)
   model = export.load_model(model_dir)
   dataset = _load_data(args)
   data_lib.check_compatible(dataset.image_shape, dataset.num_classes, model.config)
+  return model_dir, model, dataset
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+  model_dir, model, dataset = _load_source(args)
   transform = quantizer(args.method, dataset, calib=args.calib,
                         calibrator=args.calibrator, exclude=args.exclude)
   quantized = transform(model)
@@ -133,9 +137,8 @@ def _finetune(model, dataset: data_lib.Dataset, steps: int, lr: float, out: path
   """`steps` of fine-tuning that keeps the model's constraints (masks, factors)."""
   if steps <= 0:
     return model
-  cfg = recipes.finetune_config(len(dataset.train), steps, learning_rate=lr)
-  return train.fit(model, dataset.train, cfg, workdir=out / recipes.TRAIN_DIR,
-                   post_update=post_update, run_name=desc, desc=desc)
+  return recipes.finetune(model, dataset.train, steps, out / recipes.TRAIN_DIR,
+                          learning_rate=lr, post_update=post_update, name=desc)
 
 
 def _save_and_compare(source_dir: pathlib.Path, source, result, name: str,
@@ -146,14 +149,6 @@ def _save_and_compare(source_dir: pathlib.Path, source, result, name: str,
   print(f"wrote {model_dir}")
   _compare_and_print({"source": source, name: result}, dataset,
                      {"source": export.disk_bytes(source_dir), name: disk}, "source")
-
-
-def _load_source(args: argparse.Namespace):
-  model_dir = recipes.model_dir_of(args.checkpoint)
-  model = export.load_model(model_dir)
-  dataset = _load_data(args)
-  data_lib.check_compatible(dataset.image_shape, dataset.num_classes, model.config)
-  return model_dir, model, dataset
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

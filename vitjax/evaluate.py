@@ -117,22 +117,25 @@ def report(model: Model, split: data_lib.Split, *, disk_bytes: int | None = None
                  disk_bytes={"model": disk_bytes} if disk_bytes else None)["model"]
 
 
+def slowdown_note(name: str, reference: str, latency_ratio: float,
+                  throughput_ratio: float) -> str | None:
+  """A plain sentence when `name` is slower than `reference` on this backend
+  (batch-1 latency over 1.05x the reference's, or throughput under 1/1.05x),
+  else None. Ratios are `name`'s figure over the reference's."""
+  if latency_ratio <= 1.05 and throughput_ratio >= 1 / 1.05:
+    return None
+  return (f"note: {name} is SLOWER than {reference} on this {jax.default_backend()} "
+          f"backend (batch-1 latency x{latency_ratio:.2f}, throughput "
+          f"x{throughput_ratio:.2f}); what it saves here is size, not time.")
+
+
 def speed_notes(reports: dict[str, Report], reference: str) -> list[str]:
-  """Plain sentences for every model slower than `reference` on this backend."""
-  backend = jax.default_backend()
+  """`slowdown_note` of every model slower than `reference`."""
   ref = reports[reference]
-  notes = []
-  for name, r in reports.items():
-    if name == reference:
-      continue
-    lat = r.latency_ms / ref.latency_ms
-    thr = r.throughput / ref.throughput
-    if lat > 1.05 or thr < 1 / 1.05:
-      notes.append(
-          f"note: {name} is SLOWER than {reference} on this {backend} backend "
-          f"(batch-1 latency x{lat:.2f}, throughput x{thr:.2f}); what it saves here "
-          "is size, not time.")
-  return notes
+  notes = [slowdown_note(name, reference, r.latency_ms / ref.latency_ms,
+                         r.throughput / ref.throughput)
+           for name, r in reports.items() if name != reference]
+  return [note for note in notes if note]
 
 
 def format_table(reports: dict[str, Report], reference: str) -> str:

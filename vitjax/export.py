@@ -11,10 +11,11 @@ Arrays are stored in their own dtype: int8 stays int8, int4 is packed two
 values per byte, boolean masks one bit per value; no float copy of a quantized
 weight is written. The flattened arrays are concatenated into one buffer per
 stored dtype (each with a SHA-256), so a checkpoint holds a handful of arrays
-and its metadata stays small next to the weights. Saving writes into a temporary sibling directory and renames
-it into place, so an interrupted save leaves nothing half-written; loading
-verifies every checksum and the tree against the config, so a corrupt or
-truncated checkpoint is refused with a clear error.
+and its metadata stays small next to the weights. Saving writes into a
+temporary sibling directory and renames it into place, so an interrupted save
+leaves nothing half-written; loading verifies every checksum and the tree
+against the config, so a corrupt or truncated checkpoint is refused with a
+clear error.
 """
 
 from __future__ import annotations
@@ -113,9 +114,11 @@ def _pack(arrays: dict[str, np.ndarray], infos: dict[str, Any]
   buffers and each buffer's SHA-256.
   """
   parts: dict[str, list[np.ndarray]] = {}
+  ends: dict[str, int] = {}
   for name, flat in arrays.items():
     buffer = str(flat.dtype)
-    offset = sum(len(a) for a in parts.get(buffer, []))
+    offset = ends.get(buffer, 0)
+    ends[buffer] = offset + len(flat)
     parts.setdefault(buffer, []).append(flat)
     infos[name].update(buffer=buffer, offset=offset, length=len(flat))
   buffers = {k: np.concatenate(v) for k, v in parts.items()}
@@ -297,13 +300,13 @@ def load_model(path: str | os.PathLike, expect_config: ViTConfig | None = None) 
   if set(stored) != set(digests):
     raise CheckpointError(f"{path} is corrupt: buffers {sorted(set(digests) ^ set(stored))} "
                           "are missing or unexpected")
+  buffers = {name: np.ascontiguousarray(np.asarray(stored[name])) for name in digests}
   for name, digest in digests.items():
-    data = np.ascontiguousarray(np.asarray(stored[name]))
-    if hashlib.sha256(data.tobytes()).hexdigest() != digest:
+    if hashlib.sha256(buffers[name].tobytes()).hexdigest() != digest:
       raise CheckpointError(f"{path} is corrupt: the {name} buffer fails its SHA-256 check")
   arrays = {}
   for name, info in infos.items():
-    buffer = np.asarray(stored[info["buffer"]])
+    buffer = buffers[info["buffer"]]
     if info["offset"] + info["length"] > len(buffer):
       raise CheckpointError(f"{path} is corrupt: {info['path']} lies outside its buffer")
     arrays[name] = _decode_array(buffer[info["offset"]:info["offset"] + info["length"]], info)

@@ -88,6 +88,16 @@ def finetune_config(n_train: int, steps: int, *, learning_rate: float = 3e-4,
                            seed=seed)
 
 
+def finetune(model: Model, split: data_lib.Split, steps: int, workdir: str | pathlib.Path,
+             *, learning_rate: float = 3e-4, post_update: train.PostUpdate | None = None,
+             name: str = "fine-tune", progress: bool = True) -> Model:
+  """`steps` of `finetune_config` training on `split`, resumable in `workdir`;
+  the model's constraints (masks, factors, QAT) hold after every step."""
+  cfg = finetune_config(len(split), steps, learning_rate=learning_rate)
+  return train.fit(model, split, cfg, workdir=workdir, post_update=post_update,
+                   progress=progress, run_name=name, desc=name)
+
+
 def train_teacher(run_dir: str | pathlib.Path, config: ViTConfig,
                   dataset: data_lib.Dataset, cfg: train.TrainConfig, *,
                   seed: int = 0, progress: bool = True) -> Model:

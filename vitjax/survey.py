@@ -25,7 +25,7 @@ import jax
 from tqdm.auto import tqdm
 
 from vitjax import data as data_lib
-from vitjax import distill, evaluate, export, plots, recipes, train
+from vitjax import distill, evaluate, export, plots, recipes
 from vitjax import model as model_lib
 from vitjax.model import Model
 from vitjax.models.config import preset
@@ -71,11 +71,9 @@ class Context:
 
   def finetune(self, model: Model, name: str, post_update: Any = None,
                learning_rate: float = 3e-4) -> Model:
-    cfg = recipes.finetune_config(len(self.dataset.train), self.settings.finetune_steps,
-                                  learning_rate=learning_rate)
-    return train.fit(model, self.dataset.train, cfg, workdir=self.out / name / "train",
-                     post_update=post_update, progress=self.progress, run_name=name,
-                     desc=name)
+    return recipes.finetune(model, self.dataset.train, self.settings.finetune_steps,
+                            self.out / name / recipes.TRAIN_DIR, learning_rate=learning_rate,
+                            post_update=post_update, name=name, progress=self.progress)
 
 
 Build = Callable[[Context, dict[str, Model]], Model]
@@ -104,7 +102,8 @@ def _student(ctx: Context, _: dict[str, Model]) -> Model:
                                  progress=ctx.progress)
   return distill.fit_student(teacher, model_lib.init(config, 0), ctx.dataset.train, tcfg,
                              distill.DistillConfig(ce=0.5, hard=0.5), cache=cache,
-                             workdir=ctx.out / "student" / "train", progress=ctx.progress)
+                             workdir=ctx.out / "student" / recipes.TRAIN_DIR,
+                             progress=ctx.progress)
 
 
 def _static_int8(ctx: Context, model: Model) -> Model:
