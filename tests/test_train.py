@@ -1,12 +1,15 @@
 """Training: losses by hand, sharding parity, kill-and-resume, workdir checks."""
 
+import io
+import sys
+
 import jax
 import numpy as np
 import optax
 import pytest
 
 from helpers import TINY, assert_params_close, synthetic_split
-from vitjax import evaluate, sharding, train
+from vitjax import evaluate, progress, sharding, train
 from vitjax import model as model_lib
 
 
@@ -156,3 +159,10 @@ def test_slowdown_note_only_past_five_percent():
                                     ("slow", 3.0, 100.0))}
   notes = evaluate.speed_notes(reports, "fp32")
   assert len(notes) == 1 and "slow is SLOWER" in notes[0] and "x1.50" in notes[0]
+
+
+def test_progress_bar_writes_rarely_when_not_a_terminal(monkeypatch):
+  monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+  assert progress.bar(10, "x", file=io.StringIO()).mininterval == progress.LOG_INTERVAL_S
+  monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+  assert progress.bar(10, "x", file=io.StringIO()).mininterval == progress.TERMINAL_INTERVAL_S

@@ -28,10 +28,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from vitjax import data as data_lib
 from vitjax import model as model_lib
+from vitjax import progress as progress_lib
 from vitjax import train as train_lib
 from vitjax.model import Model
 from vitjax.models.config import ViTConfig
@@ -307,8 +307,7 @@ def build_teacher_cache(teacher: Model, split: data_lib.Split,
   n = len(split)
   values = np.zeros((n, views, k), np.float32)
   indices = np.zeros((n, views, k), np.int32)
-  bar = tqdm(total=views * -(-n // batch_size), desc="teacher cache", disable=not progress,
-             dynamic_ncols=True)
+  bar = progress_lib.bar(views * -(-n // batch_size), "teacher cache", enabled=progress)
   for v in range(views):
     for start, (images, _, count) in zip(range(0, n, batch_size),
                                          data_lib.eval_batches(split, batch_size)):

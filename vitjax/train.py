@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from tqdm.auto import tqdm
 
 from vitjax import data as data_lib
 from vitjax import leaves, sharding
+from vitjax import progress as progress_lib
 from vitjax.model import Model, apply
 
 PyTree = Any
@@ -378,8 +378,7 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
   local = cfg.batch_size // jax.process_count()
   lo = jax.process_index() * local
   batches = data_lib.train_batches(split, cfg.batch_size, cfg.seed, start)
-  bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress,
-             dynamic_ncols=True, mininterval=1.0)
+  bar = progress_lib.bar(cfg.steps, desc, enabled=progress, initial=start)
   tick, seen = time.perf_counter(), 0
   try:
     for step in range(start, cfg.steps):
