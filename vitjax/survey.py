@@ -22,11 +22,11 @@ import time
 from typing import Any, Callable
 
 import jax
-from tqdm.auto import tqdm
 
 from vitjax import data as data_lib
 from vitjax import distill, evaluate, export, plots, recipes
 from vitjax import model as model_lib
+from vitjax import progress as progress_lib
 from vitjax.model import Model
 from vitjax.models.config import preset
 from vitjax.transforms import lowrank, prune, quantize, structured
@@ -42,7 +42,10 @@ class Settings:
     student_epochs: distillation epochs of the student.
     teacher_epochs: None: the preset's recipe.
     calibration: images for static quantization.
-    quick: a smoke run (few steps, small test subset) that checks the plumbing.
+    train_images: train everything on the first this many training images
+      (None: all of them).
+    test_images: measure on the first this many test images (None: all).
+    quick: a smoke run (few steps, small subsets) that checks the plumbing.
   """
 
   preset: str = "tiny"
@@ -50,13 +53,15 @@ class Settings:
   student_epochs: float | None = None
   teacher_epochs: float | None = None
   calibration: int = 512
+  train_images: int | None = None
   test_images: int | None = None
   quick: bool = False
 
   @classmethod
   def quick_mode(cls, preset_name: str = "tiny") -> Settings:
-    return cls(preset=preset_name, finetune_steps=4, student_epochs=0.02,
-               teacher_epochs=0.05, calibration=64, test_images=500, quick=True)
+    return cls(preset=preset_name, finetune_steps=4, student_epochs=0.5,
+               teacher_epochs=1.0, calibration=64, train_images=2048, test_images=500,
+               quick=True)
 
 
 @dataclasses.dataclass
@@ -158,8 +163,8 @@ METHODS: list[Method] = [
            lambda ctx, src: _static_int8(ctx, src["prune-50%"]), ("prune-50%",),
            "50% pruned, then static W8A8 PTQ"),
     Method("lowrank-50%+int8", "combination",
-           lambda ctx, src: quantize.dynamic_int8()(src["lowrank-50%"]), ("lowrank-50%",),
-           "low-rank factors, then dynamic int8"),
+           lambda ctx, src: _static_int8(ctx, src["lowrank-50%"]), ("lowrank-50%",),
+           "low-rank factors, then static W8A8 PTQ (both factors calibrated)"),
     Method("student+structured+int4", "combination",
            lambda ctx, src: quantize.weight_only(4)(
                _structured(ctx, src, "student+structured", "student", 0.5, 0.5)),
@@ -198,11 +203,13 @@ def run(settings: Settings, out: str | pathlib.Path = "checkpoints/survey", *,
   out = pathlib.Path(out)
   methods = _order(methods if methods is not None else METHODS)
   dataset = dataset or data_lib.load("fashion_mnist")
+  if settings.train_images is not None:
+    dataset = dataclasses.replace(dataset,
+                                  train=dataset.train.take(slice(0, settings.train_images)))
   test = dataset.test if settings.test_images is None else \
       dataset.test.take(slice(0, settings.test_images))
   started = time.perf_counter()
-  stages = tqdm(total=len(methods) + 2, desc="survey", disable=not progress,
-                dynamic_ncols=True, position=0)
+  stages = progress_lib.bar(len(methods) + 2, "survey", enabled=progress, position=0)
 
   stages.set_postfix_str("teacher")
   teacher_run = pathlib.Path(teacher_dir or out / "teacher")

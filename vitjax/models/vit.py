@@ -157,7 +157,7 @@ class VisionTransformer(nn.Module):
   def __call__(self, images: jax.Array, heads: str = "mean"):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    images = images.astype(dtype)
+    images = jnp.asarray(images, dtype)  # numpy input too (AQT needs JAX arrays)
     if cfg.tokenizer == "spt":
       patches = patchify(shifted_views(images, cfg.patch_size // 2), cfg.patch_size)
       patches = nn.LayerNorm(dtype=dtype, name="embedding_norm")(patches)

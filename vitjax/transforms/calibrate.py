@@ -1,9 +1,11 @@
 """Activation ranges of linear-layer inputs, for static (W8A8) quantization.
 
-Two passes over the calibration images: the first records each layer input's
-min and max, which fix an optional centering shift (asymmetric quantization,
-for skewed inputs such as post-GELU activations) and the histogram range; the
-second fills a histogram of |x + shift| per layer. A calibrator then picks the
+Each calibration point is the input of one quantized matmul: a linear layer's
+input, and for a low-rank layer (x @ u) @ v also the input x @ u of its second
+factor (`points` names them). Two passes over the calibration images: the
+first records each point's min and max, which fix an optional centering shift
+(asymmetric quantization, for skewed inputs such as post-GELU activations) and
+the histogram range; the second fills a histogram of |x + shift| per point. A calibrator then picks the
 clipping bound from the histogram:
 
   minmax      the largest |x + shift| seen;
@@ -20,14 +22,41 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from vitjax import data as data_lib
+from vitjax import leaves
 from vitjax import model as model_lib
+from vitjax import progress as progress_lib
 from vitjax.model import Model
+from vitjax.transforms import select
 
 CALIBRATORS = ("minmax", "percentile", "mse")
 BINS = 2048
+SECOND_FACTOR = "/second_factor"
+
+
+def points(model: Model, layers: list[str]) -> list[str]:
+  """Calibration points of `layers`: each layer, plus `layer + SECOND_FACTOR`
+  for a low-rank layer (the input of its second factor)."""
+  out = []
+  for layer in layers:
+    out.append(layer)
+    if isinstance(select.get_kernel(model.params, layer), leaves.LowRank):
+      out.append(layer + SECOND_FACTOR)
+  return out
+
+
+def point_inputs(model: Model, images: jax.Array, names: list[str]) -> dict[str, jax.Array]:
+  """The input each calibration point in `names` sees for preprocessed `images`."""
+  inputs = model_lib.linear_inputs(model, images)
+  out = {}
+  for name in names:
+    if name.endswith(SECOND_FACTOR):
+      layer = name[:-len(SECOND_FACTOR)]
+      out[name] = leaves.matmul(inputs[layer], select.get_kernel(model.params, layer).u)
+    else:
+      out[name] = inputs[name]
+  return out
 
 
 def quant_bound(bits: int) -> float:
@@ -112,7 +141,9 @@ def _batches(images: np.ndarray, batch_size: int) -> Iterable[np.ndarray]:
 def collect(model: Model, images: np.ndarray, layers: list[str], *,
             symmetric: bool | None = None, batch_size: int = 128, bins: int = BINS,
             progress: bool = True) -> dict[str, ActivationStats]:
-  """Calibration statistics of the inputs of `layers` over `images`.
+  """Calibration statistics over `images` of the inputs of `layers`, calibration
+  points as `points` names them (a linear layer, or a low-rank layer's second
+  factor).
 
   Args:
     symmetric: True: no shift; False: shift every input to center its range;
@@ -126,12 +157,12 @@ def collect(model: Model, images: np.ndarray, layers: list[str], *,
 
   @jax.jit
   def ranges(m: Model, x: jax.Array):
-    inputs = model_lib.linear_inputs(m, data_lib.preprocess(x, config))
+    inputs = point_inputs(m, data_lib.preprocess(x, config), layers)
     return {k: (inputs[k].min(), inputs[k].max()) for k in layers}
 
   @jax.jit
   def histograms(m: Model, x: jax.Array, shift: dict, top: dict):
-    inputs = model_lib.linear_inputs(m, data_lib.preprocess(x, config))
+    inputs = point_inputs(m, data_lib.preprocess(x, config), layers)
     out = {}
     for k in layers:
       mags = jnp.abs(inputs[k] + shift[k]).reshape(-1)
@@ -140,8 +171,7 @@ def collect(model: Model, images: np.ndarray, layers: list[str], *,
     return out
 
   n_batches = -(-len(images) // batch_size)
-  bar = tqdm(total=2 * n_batches, desc="calibrate", disable=not progress,
-             dynamic_ncols=True)
+  bar = progress_lib.bar(2 * n_batches, "calibrate", enabled=progress)
   lo = {k: np.inf for k in layers}
   hi = {k: -np.inf for k in layers}
   for batch in _batches(images, batch_size):

@@ -8,7 +8,7 @@ output channel with AQT's quantizer into a `QuantizedWeight` leaf.
   weight_only(bits)         int8/int4 weights, float activations;
   dynamic_int8()            int8 weights, int8 activations scaled per token at
                             run time, int8 x int8 -> int32 dots through AQT;
-  static_int8(images)       int8 weights, int8 activations with per-layer
+  static_int8(images)       int8 weights, int8 activations with per-matmul
                             scales fixed by calibration (minmax, percentile,
                             MSE), symmetric or shifted (asymmetric);
   qat(bits, act_bits)       float weights trained through AQT fake quantization;
@@ -25,7 +25,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.leaves import FakeQuantWeight, Masked, QuantizedWeight, map_weights
+from vitjax.leaves import FakeQuantWeight, LowRank, Masked, QuantizedWeight, map_weights
 from vitjax.leaves.quantized import check_bits, quantize_per_channel
 from vitjax.model import Model
 from vitjax.transforms import calibrate
@@ -92,8 +92,9 @@ def static_int8(calibration: np.ndarray, *, calibrator: str = "percentile",
 
   Raises:
     ValueError: bits outside 2..8, unknown calibrator, percentile outside
-      (0, 100], an empty calibration set or one holding NaN/inf (now); a
-      low-rank layer (when applied; pruned layers are fine).
+      (0, 100], an empty calibration set or one holding NaN/inf (now).
+      Pruned (masked) and low-rank layers are calibrated too: a low-rank
+      layer's second factor gets the scale of its own input, x @ u.
   """
   check_bits(bits)
   if calibrator not in calibrate.CALIBRATORS:
@@ -103,27 +104,30 @@ def static_int8(calibration: np.ndarray, *, calibrator: str = "percentile",
   calibrate.check_calibration_images(calibration)
 
   def prepare(model: Model, chosen: list[str]) -> dict[str, calibrate.ActivationStats]:
-    return calibrate.collect(model, calibration, chosen, symmetric=symmetric,
-                             batch_size=batch_size, progress=progress)
+    return calibrate.collect(model, calibration, calibrate.points(model, chosen),
+                             symmetric=symmetric, batch_size=batch_size, progress=progress)
 
   weights = _quantizer(bits, "static", requantize)
 
   def quantize(path: str, w: Any, stats: dict[str, calibrate.ActivationStats]) -> Any:
-    s = stats[path]
-    bound = calibrate.choose_bound(s.hist, calibrator, percentile=percentile, bits=8)
-    def calibrated(q: QuantizedWeight) -> QuantizedWeight:
+    def calibrated(q: Any, point: str) -> QuantizedWeight:
+      if isinstance(q, Masked):
+        # A pruned layer sees the same input as the dense one: its calibrated
+        # scale goes on the quantized values inside the mask.
+        return q.replace(w=calibrated(q.w, point))
+      if not isinstance(q, QuantizedWeight):
+        raise ValueError(f"layer {path}: static activation quantization needs plain, "
+                         f"masked or low-rank weights, got {type(q).__name__}")
+      s = stats[point]
+      bound = calibrate.choose_bound(s.hist, calibrator, percentile=percentile, bits=8)
       return q.replace(act_scale=jnp.float32(bound / calibrate.quant_bound(8)),
                        act_shift=jnp.float32(s.shift) if s.shift else None)
     leaf = weights(path, w, None)
-    if isinstance(leaf, QuantizedWeight):
-      return calibrated(leaf)
-    if isinstance(leaf, Masked) and isinstance(leaf.w, QuantizedWeight):
-      # A pruned layer sees the same input as the dense one: its calibrated
-      # scale goes on the quantized values inside the mask.
-      return leaf.replace(w=calibrated(leaf.w))
-    raise ValueError(f"layer {path}: static activation quantization needs a plain or "
-                     f"masked weight, got {type(w).__name__} (the input of a low-rank "
-                     "layer's second factor is not calibrated); use dynamic_int8 for it")
+    if isinstance(leaf, LowRank):
+      # (x @ u) @ v: u sees the layer's input, v the calibrated x @ u.
+      return LowRank(calibrated(leaf.u, path),
+                     calibrated(leaf.v, path + calibrate.SECOND_FACTOR))
+    return calibrated(leaf, path)
 
   return layer_transform(f"static-w{bits}a8-{calibrator}", quantize, layers=layers,
                          exclude=exclude, prepare=prepare)
