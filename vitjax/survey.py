@@ -116,9 +116,16 @@ def _static_int8(ctx: Context, model: Model) -> Model:
   return quantize.static_int8(calib, progress=ctx.progress)(model)
 
 
+# QAT starts from converged weights, which a fine-tune at the pruning rate
+# (3e-4) moves away from: on the tiny teacher, 100 such float steps alone cost
+# 0.50 pt, at 3e-5 only 0.26 pt.
+QAT_LEARNING_RATE = 3e-5
+
+
 def _qat_int4(ctx: Context, src: dict[str, Model]) -> Model:
   wrapped = quantize.qat(4, act_bits=None)(src["teacher"])
-  return quantize.convert_qat()(ctx.finetune(wrapped, "qat-int4"))
+  return quantize.convert_qat()(ctx.finetune(wrapped, "qat-int4",
+                                             learning_rate=QAT_LEARNING_RATE))
 
 
 def _structured(ctx: Context, src: dict[str, Model], name: str, source: str,
