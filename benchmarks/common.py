@@ -56,8 +56,10 @@ def main(variants: Variants, description: str) -> dict:
           f"| {r['latency_ms']:.3f} | {r['speedup']:.2f}x | {r['throughput']:.0f} "
           f"| {r['throughput_ratio']:.2f}x |")
   for name, r in rows.items():
+    if name == ref:
+      continue
     note = evaluate.slowdown_note(name, ref, 1 / r["speedup"], r["throughput_ratio"])
-    if name != ref and note:
+    if note:
       print(note)
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps({"device": device, "rows": rows}, indent=1))

@@ -50,3 +50,10 @@ def test_methods_are_ordered_by_their_sources():
         assert order.index(source) < order.index(m.name)
   with pytest.raises(ValueError, match="missing sources"):
     survey._order([survey.Method("x", "f", lambda c, s: None, ("nothing",))])
+
+
+@pytest.mark.parametrize("field", ["train_images", "test_images"])
+def test_settings_refuse_an_empty_or_negative_subset(field):
+  with pytest.raises(ValueError, match=f"Settings.{field} must be None .* or >= 1, got -5"):
+    survey.Settings(**{field: -5})
+  assert getattr(survey.Settings(**{field: 7}), field) == 7

@@ -57,6 +57,12 @@ class Settings:
   test_images: int | None = None
   quick: bool = False
 
+  def __post_init__(self) -> None:
+    for name in ("train_images", "test_images"):
+      value = getattr(self, name)
+      if value is not None and value < 1:
+        raise ValueError(f"Settings.{name} must be None (all images) or >= 1, got {value}")
+
   @classmethod
   def quick_mode(cls, preset_name: str = "tiny") -> Settings:
     return cls(preset=preset_name, finetune_steps=4, student_epochs=0.5,

@@ -5,8 +5,8 @@ input, and for a low-rank layer (x @ u) @ v also the input x @ u of its second
 factor (`points` names them). Two passes over the calibration images: the
 first records each point's min and max, which fix an optional centering shift
 (asymmetric quantization, for skewed inputs such as post-GELU activations) and
-the histogram range; the second fills a histogram of |x + shift| per point. A calibrator then picks the
-clipping bound from the histogram:
+the histogram range; the second fills a histogram of |x + shift| per point. A
+calibrator then picks the clipping bound from the histogram:
 
   minmax      the largest |x + shift| seen;
   percentile  the bound below which `percentile` % of the values lie;

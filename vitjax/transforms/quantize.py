@@ -110,11 +110,14 @@ def static_int8(calibration: np.ndarray, *, calibrator: str = "percentile",
   weights = _quantizer(bits, "static", requantize)
 
   def quantize(path: str, w: Any, stats: dict[str, calibrate.ActivationStats]) -> Any:
-    def calibrated(q: Any, point: str) -> QuantizedWeight:
+    def calibrated(q: Any, point: str) -> Any:
       if isinstance(q, Masked):
         # A pruned layer sees the same input as the dense one: its calibrated
         # scale goes on the quantized values inside the mask.
         return q.replace(w=calibrated(q.w, point))
+      if isinstance(q, LowRank):
+        # (x @ u) @ v: u sees the layer's input, v the calibrated x @ u.
+        return LowRank(calibrated(q.u, point), calibrated(q.v, point + calibrate.SECOND_FACTOR))
       if not isinstance(q, QuantizedWeight):
         raise ValueError(f"layer {path}: static activation quantization needs plain, "
                          f"masked or low-rank weights, got {type(q).__name__}")
@@ -122,12 +125,7 @@ def static_int8(calibration: np.ndarray, *, calibrator: str = "percentile",
       bound = calibrate.choose_bound(s.hist, calibrator, percentile=percentile, bits=8)
       return q.replace(act_scale=jnp.float32(bound / calibrate.quant_bound(8)),
                        act_shift=jnp.float32(s.shift) if s.shift else None)
-    leaf = weights(path, w, None)
-    if isinstance(leaf, LowRank):
-      # (x @ u) @ v: u sees the layer's input, v the calibrated x @ u.
-      return LowRank(calibrated(leaf.u, path),
-                     calibrated(leaf.v, path + calibrate.SECOND_FACTOR))
-    return calibrated(leaf, path)
+    return calibrated(weights(path, w, None), path)
 
   return layer_transform(f"static-w{bits}a8-{calibrator}", quantize, layers=layers,
                          exclude=exclude, prepare=prepare)
