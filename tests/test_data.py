@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import TINY, needs_fashion, synthetic_split
+from helpers import TINY, needs_fashion, synthetic_dataset, synthetic_split
 from vitjax import data as data_lib
 
 
@@ -104,6 +104,20 @@ def test_npz_directory_roundtrip_and_errors(tmp_path):
     data_lib.load("npz")
   with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
     data_lib.load("cifar")
+
+
+def test_teacher_images_join_validation_after_train_and_refuse_other_shapes():
+  from vitjax import recipes
+  ds = synthetic_dataset()
+  assert recipes.TEACHER_RECIPES["tiny"]["with_validation"]
+  images = recipes.teacher_images("tiny", ds)
+  assert len(images) == len(ds.train) + len(ds.validation)
+  np.testing.assert_array_equal(images.images[:len(ds.train)], ds.train.images)
+  np.testing.assert_array_equal(images.labels[len(ds.train):], ds.validation.labels)
+  assert recipes.teacher_images("s16", ds) is ds.train  # s16 keeps its validation out
+  wide = synthetic_split(4, TINY.replace(image_size=16, patch_size=4))
+  with pytest.raises(ValueError, match=r"shape \(8, 8, 1\).*shape \(16, 16, 1\)"):
+    ds.train.concat(wide)
 
 
 def test_npz_refuses_pickled_objects(tmp_path):

@@ -48,8 +48,9 @@ def _load_data(args: argparse.Namespace) -> data_lib.Dataset:
 def cmd_train(args: argparse.Namespace) -> int:
   dataset = _load_data(args)
   config = recipes.model_config(args.preset, dataset)
+  images = recipes.teacher_images(args.preset, dataset)
   cfg = recipes.teacher_train_config(
-      args.preset, len(dataset.train), epochs=args.epochs, steps=args.steps,
+      args.preset, len(images), epochs=args.epochs, steps=args.steps,
       batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, fsdp=args.fsdp)
   run_dir = pathlib.Path(args.out)
   model_dir = run_dir / recipes.MODEL_DIR
@@ -57,10 +58,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"reusing the finished run in {run_dir} (delete it to train again)")
   else:
     print(f"training {args.preset} ViT ({config.depth} blocks, dim {config.dim}, patch "
-          f"{config.patch_size}) for {cfg.steps} steps of {cfg.batch_size} images; "
-          f"run directory {run_dir}")
+          f"{config.patch_size}) on {len(images)} images for {cfg.steps} steps of "
+          f"{cfg.batch_size}; run directory {run_dir}")
   start = time.perf_counter()
-  model = recipes.train_teacher(run_dir, config, dataset, cfg, seed=args.seed)
+  model = recipes.train_teacher(run_dir, config, images, cfg, seed=args.seed)
   print(f"took {time.perf_counter() - start:.0f} s")
   r = evaluate.report(model, dataset.test, disk_bytes=export.disk_bytes(model_dir))
   print(evaluate.format_report("teacher [test]", r))
@@ -287,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("eval", help="measure a saved model")
   p.add_argument("checkpoint", help="a run directory or its model/ directory")
-  p.add_argument("--split", default="test", choices=["test", "validation"])
+  p.add_argument("--split", default="test", choices=["test", "validation"],
+                 help="the tiny teacher recipe also trains on the validation images")
   p.add_argument("--json", action="store_true", help="also print the figures as JSON")
   _add_data_args(p)
   p.set_defaults(func=cmd_eval)

@@ -68,6 +68,20 @@ class Split:
   def take(self, index: np.ndarray | slice) -> Split:
     return Split(self.images[index], self.labels[index])
 
+  def concat(self, other: Split) -> Split:
+    """This split's examples followed by `other`'s (same image shape and dtype).
+
+    Raises:
+      ValueError: the two splits hold images of different shapes or dtypes.
+    """
+    if (self.images.shape[1:] != other.images.shape[1:]
+        or self.images.dtype != other.images.dtype):
+      raise ValueError(
+          f"cannot join images of shape {self.images.shape[1:]} ({self.images.dtype}) "
+          f"with images of shape {other.images.shape[1:]} ({other.images.dtype})")
+    return Split(np.concatenate([self.images, other.images]),
+                 np.concatenate([self.labels, other.labels]))
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:

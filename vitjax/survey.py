@@ -227,9 +227,11 @@ def run(settings: Settings, out: str | pathlib.Path = "checkpoints/survey", *,
   stages.set_postfix_str("teacher")
   teacher_run = pathlib.Path(teacher_dir or out / "teacher")
   config = recipes.model_config(settings.preset, dataset)
-  tcfg = recipes.teacher_train_config(settings.preset, len(dataset.train),
+  images = recipes.teacher_images(settings.preset, dataset).take(
+      slice(0, settings.train_images))
+  tcfg = recipes.teacher_train_config(settings.preset, len(images),
                                       epochs=settings.teacher_epochs)
-  teacher = recipes.train_teacher(teacher_run, config, dataset, tcfg, progress=progress)
+  teacher = recipes.train_teacher(teacher_run, config, images, tcfg, progress=progress)
   stages.update(1)
   ctx = Context(teacher, dataset, settings, out, progress)
   built: dict[str, Model] = {"teacher": teacher}
