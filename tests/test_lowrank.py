@@ -93,6 +93,19 @@ def test_data_aware_svd_is_better_on_the_calibration_inputs():
   assert out_err(aware) < out_err(plain)
 
 
+def test_data_aware_factor_survives_a_singular_slightly_indefinite_gram():
+  # 4 samples of 16 inputs give a rank-4 Gram matrix; float32 rounding (as on
+  # an AVX-512 CPU) can push its null space slightly negative.
+  rng = np.random.default_rng(0)
+  w, a = rng.normal(size=(16, 8)), rng.normal(size=(4, 16))
+  gram = a.T @ a - 1e-4 * np.trace(a.T @ a) / 16 * np.eye(16)
+  f = lowrank.factor(w, gram)
+  assert np.all(np.isfinite(f.u)) and np.all(np.isfinite(f.s))
+  np.testing.assert_allclose((f.u * f.s) @ f.vt, w, atol=1e-9)  # full rank: exact
+  top4 = (f.u[:, :4] * f.s[:4]) @ f.vt[:4]  # keeps w's action on the sampled inputs
+  np.testing.assert_allclose(a @ top4, a @ w, atol=1e-2 * np.abs(a @ w).max())
+
+
 def test_quantized_factors_nest_and_save(tmp_path):
   m = _model()
   nested = chain(lowrank.svd(rank=4), q.weight_only(8))(m)

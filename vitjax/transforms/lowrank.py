@@ -59,10 +59,13 @@ def factor(w: np.ndarray, gram: np.ndarray | None = None) -> Factored:
   if gram is None:
     u, s, vt = np.linalg.svd(w, full_matrices=False)
     return Factored(u, s, vt)
-  ridge = 1e-6 * np.trace(gram) / len(gram) + 1e-12
-  r = np.linalg.cholesky(gram + ridge * np.eye(len(gram))).T  # upper: R^T R = gram
-  u, s, vt = np.linalg.svd(r @ w, full_matrices=False)
-  return Factored(np.linalg.solve(r, u), s, vt)
+  # R = diag(sqrt(lam)) Q^T from gram = Q diag(lam) Q^T. Eigenvalues are floored
+  # at 1e-6 of the largest: a Gram matrix of fewer samples than inputs is
+  # singular, and float32 rounding can leave it slightly indefinite.
+  lam, q = np.linalg.eigh((gram + gram.T) / 2)
+  root = np.sqrt(np.maximum(lam, 1e-6 * max(float(lam[-1]), 0.0) + 1e-12))
+  u, s, vt = np.linalg.svd(root[:, None] * q.T @ w, full_matrices=False)
+  return Factored(q @ (u / root[:, None]), s, vt)
 
 
 def rank_for_energy(s: np.ndarray, energy: float) -> int:
@@ -100,7 +103,7 @@ def _grams(model: Model, images: np.ndarray, layers: list[str],
     out = {}
     for k in layers:
       a = inputs[k].reshape(-1, inputs[k].shape[-1]).astype(jnp.float32)
-      out[k] = a.T @ a
+      out[k] = jnp.matmul(a.T, a, precision=jax.lax.Precision.HIGHEST)
     return out
   total = {k: 0.0 for k in layers}
   for start in range(0, len(images), batch_size):
