@@ -84,10 +84,11 @@ class Killed(Exception):
   pass
 
 
-def test_kill_and_resume_gives_identical_params(tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_kill_and_resume_gives_identical_params(tmp_path, ema_decay):
   split = synthetic_split(96)
   cfg = train.TrainConfig(steps=9, batch_size=16, warmup_steps=2, checkpoint_every=2,
-                          log_every=1, crop_pad=1, flip=True)
+                          log_every=1, crop_pad=1, flip=True, ema_decay=ema_decay)
   mesh = sharding.make_mesh(jax.devices()[:2])
   straight = train.fit(model_lib.init(TINY, 0), split, cfg, progress=False, mesh=mesh)
 
@@ -128,6 +129,7 @@ def test_workdir_of_another_run_is_refused(tmp_path):
     (dict(steps=5, warmup_steps=5), "warmup_steps=5 must be in 0..steps-1=4"),
     (dict(steps=5, label_smoothing=1.0), r"label_smoothing must be in \[0, 1\)"),
     (dict(steps=5, learning_rate=0.0), "learning_rate must be > 0"),
+    (dict(steps=5, ema_decay=1.0), r"ema_decay must be in \[0, 1\), got 1.0"),
 ])
 def test_train_config_errors(kwargs, match):
   kwargs.setdefault("warmup_steps", 0)
@@ -144,6 +146,42 @@ def test_optimizer_masks_weight_decay():
   updates, _ = opt.update(zero, opt.init(params), params)
   new = optax.apply_updates(params, updates)
   assert np.all(new[0] < 1) and np.all(new[1] == 1)
+
+
+def test_param_average_by_hand():
+  # SGD at lr 0.1 on x^2/2 from x=1: x1 = 0.9, x2 = 0.81; with decay 0.5 the
+  # average goes 1 -> 0.95 -> 0.88 while the updates pass through unchanged.
+  opt = optax.chain(optax.sgd(0.1), train.param_average(0.5))
+  x = np.float32(1.0)
+  state = opt.init(x)
+  for want_x, want_avg in ((0.9, 0.95), (0.81, 0.88)):
+    updates, state = opt.update(x, state, x)
+    x = optax.apply_updates(x, updates)
+    np.testing.assert_allclose([x, train.averaged_leaves(state)], [want_x, want_avg],
+                               rtol=1e-6)
+  with pytest.raises(ValueError, match="param_average needs the params"):
+    train.param_average(0.5).update(x, train.param_average(0.5).init(x))
+  with pytest.raises(ValueError, match="holds no parameter average"):
+    train.averaged_leaves(optax.sgd(0.1).init(x))
+
+
+def test_fit_with_ema_returns_the_moving_average_of_the_steps():
+  # A constant learning rate makes a k-step run the first k steps of a longer
+  # one, so the per-step parameters can be averaged by hand.
+  split = synthetic_split(64)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  base = dict(batch_size=16, warmup_steps=0, end_lr_ratio=1.0, learning_rate=1e-2)
+  start = model_lib.init(TINY, 0)
+  average = _leaves(start)
+  for k in (1, 2, 3):
+    p_k = _leaves(train.fit(start, split, train.TrainConfig(steps=k, **base),
+                            progress=False, mesh=mesh))
+    average = [0.5 * a + 0.5 * p for a, p in zip(average, p_k)]
+  got = train.fit(start, split, train.TrainConfig(steps=3, ema_decay=0.5, **base),
+                  progress=False, mesh=mesh)
+  for a, b in zip(average, _leaves(got)):
+    np.testing.assert_allclose(b, a, atol=1e-6)
+  assert not all(np.allclose(a, p) for a, p in zip(average, p_k))  # not the last step
 
 
 def test_slowdown_note_only_past_five_percent():

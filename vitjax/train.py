@@ -18,7 +18,7 @@ import json
 import math
 import pathlib
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -77,6 +77,9 @@ class TrainConfig:
     weight_decay: AdamW decoupled decay on matrices (not on norms, biases,
       position or class embeddings).
     label_smoothing: in [0, 1).
+    ema_decay: 0 trains as usual; in (0, 1), `fit` returns an exponential
+      moving average of the parameters over the steps (Polyak averaging,
+      kept in the optimizer state so that it resumes), not the last ones.
     grad_clip: global-norm clip (0 disables).
     crop_pad: random-crop padding in pixels (0 disables cropping).
     flip: random horizontal flips.
@@ -96,6 +99,7 @@ class TrainConfig:
   warmup_steps: int = 100
   weight_decay: float = 0.05
   label_smoothing: float = 0.1
+  ema_decay: float = 0.0
   grad_clip: float = 1.0
   crop_pad: int = 0
   flip: bool = False
@@ -117,6 +121,8 @@ class TrainConfig:
     if not 0 <= self.label_smoothing < 1:
       raise ValueError(f"TrainConfig.label_smoothing must be in [0, 1), got "
                        f"{self.label_smoothing}")
+    if not 0 <= self.ema_decay < 1:
+      raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
     if not 0 <= self.end_lr_ratio <= 1:
       raise ValueError(f"TrainConfig.end_lr_ratio must be in [0, 1], got {self.end_lr_ratio}")
     if self.weight_decay < 0 or self.grad_clip < 0 or self.crop_pad < 0:
@@ -209,14 +215,51 @@ class Partition:
     return [d for d, t in zip(self.decay, self.trainable) if t]
 
 
+class ParamAverageState(NamedTuple):
+  average: PyTree
+
+
+def param_average(decay: float) -> optax.GradientTransformationExtraArgs:
+  """Passes updates through unchanged and keeps, in its state, the exponential
+  moving average (weight `decay` on the past) of the parameters each update
+  produces; the average starts at the initial parameters. Its `update`
+  refuses to run without `params`."""
+  def init(params: PyTree) -> ParamAverageState:
+    return ParamAverageState(jax.tree_util.tree_map(jnp.copy, params))
+
+  def update(updates: PyTree, state: ParamAverageState, params: PyTree = None,
+             **extra_args: Any) -> tuple[PyTree, ParamAverageState]:
+    del extra_args
+    if params is None:
+      raise ValueError("param_average needs the params in update(updates, state, params)")
+    new = optax.apply_updates(params, updates)
+    average = jax.tree_util.tree_map(lambda a, p: decay * a + (1 - decay) * p,
+                                     state.average, new)
+    return updates, ParamAverageState(average)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
 def make_optimizer(cfg: TrainConfig, decay_mask: list[bool]) -> optax.GradientTransformation:
-  """AdamW with warmup-cosine schedule and optional global-norm clipping."""
+  """AdamW with warmup-cosine schedule, optional global-norm clipping and,
+  with `cfg.ema_decay`, a `param_average` as the last link of the chain."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, cfg.learning_rate, cfg.warmup_steps, cfg.steps,
       end_value=cfg.learning_rate * cfg.end_lr_ratio)
   parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
   parts.append(optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask))
+  if cfg.ema_decay:
+    parts.append(param_average(cfg.ema_decay))
   return optax.chain(*parts)
+
+
+def averaged_leaves(opt_state: PyTree) -> PyTree:
+  """The trainable leaves' moving average held by `make_optimizer`'s chain
+  state; refuses a state without a `param_average`."""
+  last = opt_state[-1] if isinstance(opt_state, tuple) and opt_state else None
+  if not isinstance(last, ParamAverageState):
+    raise ValueError("the optimizer state holds no parameter average (ema_decay=0)")
+  return last.average
 
 
 # --------------------------------------------------------------------- step
@@ -406,7 +449,14 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
     manager.wait_until_finished()
   if manager is not None:
     manager.close()
-  return Model(model.config, jax.device_get(state.params))
+  params = state.params
+  if cfg.ema_decay:
+    _, frozen = partition.split((state.params, state.extra))
+    params, _ = partition.merge(averaged_leaves(state.opt_state), frozen)
+    params = leaves.constrain_tree(params)
+    if post_update is not None:
+      params = post_update(params, jnp.asarray(cfg.steps, jnp.int32))
+  return Model(model.config, jax.device_get(params))
 
 
 def steps_for_epochs(epochs: float, n: int, batch_size: int) -> int:
