@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from helpers import TINY, assert_params_close, synthetic_split
-from vitjax import evaluate, progress, sharding, train
+from vitjax import evaluate, progress, recipes, sharding, train
 from vitjax import model as model_lib
 
 
@@ -182,6 +182,14 @@ def test_fit_with_ema_returns_the_moving_average_of_the_steps():
   for a, b in zip(average, _leaves(got)):
     np.testing.assert_allclose(b, a, atol=1e-6)
   assert not all(np.allclose(a, p) for a, p in zip(average, p_k))  # not the last step
+
+
+def test_recipe_caps_the_average_horizon_of_short_runs():
+  full = recipes.teacher_train_config("tiny", 60_000)
+  assert full.steps == 4212 and full.ema_decay == 0.999  # the measured recipe, unchanged
+  short = recipes.teacher_train_config("tiny", 60_000, steps=100)
+  assert short.ema_decay == pytest.approx(0.96)  # horizon 25 = steps / 4
+  assert recipes.teacher_train_config("tiny", 60_000, steps=4).ema_decay == 0.0
 
 
 def test_slowdown_note_only_past_five_percent():

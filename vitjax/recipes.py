@@ -60,7 +60,9 @@ def model_config(preset_name: str, dataset: data_lib.Dataset) -> ViTConfig:
 
 def train_config(recipe: dict[str, Any], n_train: int, *, epochs: float | None = None,
                  steps: int | None = None, **overrides: Any) -> train.TrainConfig:
-  """A recipe as a TrainConfig; `steps` wins over `epochs`, None overrides are ignored."""
+  """A recipe as a TrainConfig; `steps` wins over `epochs`, None overrides are
+  ignored; warmup is cut to a tenth of the steps and the weight-average decay
+  to a horizon of a quarter of them."""
   recipe = dict(recipe)
   recipe_epochs = recipe.pop("epochs")
   recipe.pop("with_validation", None)
@@ -68,6 +70,11 @@ def train_config(recipe: dict[str, Any], n_train: int, *, epochs: float | None =
   if steps is None:
     steps = train.steps_for_epochs(epochs or recipe_epochs, n_train, recipe["batch_size"])
   recipe["warmup_steps"] = min(recipe["warmup_steps"], steps // 10)
+  if recipe.get("ema_decay"):
+    # A short run (a quick survey, --steps) averages over its last quarter
+    # instead of staying near the initial weights: the horizon 1 / (1 - decay)
+    # is at most steps / 4.
+    recipe["ema_decay"] = min(recipe["ema_decay"], max(0.0, 1.0 - 4.0 / steps))
   return train.TrainConfig(steps=steps, **recipe)
 
 
