@@ -35,6 +35,8 @@ def test_train_then_eval_reprints_the_accuracy(npz_dir, tmp_path, capsys, small_
   assert cli.main(["train", "--dataset", "npz", "--data-dir", str(npz_dir),
                    "--steps", "16", "--batch-size", "64", "--out", str(out)]) == 0
   trained = capsys.readouterr().out
+  # The tiny recipe trains on the 120 validation images of the 1,200 too.
+  assert "on 1200 images" in trained
   assert (out / "model" / "vitjax.json").exists()
   assert cli.main(["eval", str(out), "--dataset", "npz", "--data-dir", str(npz_dir)]) == 0
   evaluated = capsys.readouterr().out
@@ -44,6 +46,13 @@ def test_train_then_eval_reprints_the_accuracy(npz_dir, tmp_path, capsys, small_
   assert cli.main(["train", "--dataset", "npz", "--data-dir", str(npz_dir),
                    "--steps", "16", "--batch-size", "64", "--out", str(out)]) == 0
   assert "reusing" in capsys.readouterr().out
+
+
+def test_train_can_hold_out_the_validation_images(npz_dir, tmp_path, capsys, small_tiny):
+  out = tmp_path / "run"
+  assert cli.main(["train", "--dataset", "npz", "--data-dir", str(npz_dir), "--steps", "2",
+                   "--batch-size", "64", "--hold-out-validation", "--out", str(out)]) == 0
+  assert "on 1080 images" in capsys.readouterr().out
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):

@@ -48,7 +48,8 @@ def _load_data(args: argparse.Namespace) -> data_lib.Dataset:
 def cmd_train(args: argparse.Namespace) -> int:
   dataset = _load_data(args)
   config = recipes.model_config(args.preset, dataset)
-  images = recipes.teacher_images(args.preset, dataset)
+  images = recipes.teacher_images(args.preset, dataset,
+                                  hold_out_validation=args.hold_out_validation)
   cfg = recipes.teacher_train_config(
       args.preset, len(images), epochs=args.epochs, steps=args.steps,
       batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, fsdp=args.fsdp)
@@ -281,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--lr", type=float, default=None, help="peak learning rate")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--fsdp", action="store_true", help="shard params over devices")
+  p.add_argument("--hold-out-validation", action="store_true",
+                 help="train on the training split only (the tiny recipe also trains on "
+                      "the validation images, so `eval --split validation` would score "
+                      "seen images)")
   p.add_argument("--out", default="checkpoints/teacher",
                  help="run directory: model/ and resumable train/ state")
   _add_data_args(p)

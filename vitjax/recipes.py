@@ -88,10 +88,13 @@ def teacher_train_config(preset_name: str, n_train: int, **kwargs: Any) -> train
   return train_config(teacher_recipe(preset_name), n_train, **kwargs)
 
 
-def teacher_images(preset_name: str, dataset: data_lib.Dataset) -> data_lib.Split:
+def teacher_images(preset_name: str, dataset: data_lib.Dataset, *,
+                   hold_out_validation: bool = False) -> data_lib.Split:
   """The images a preset's teacher trains on: the training split, followed by
-  the validation split where the recipe says `with_validation`."""
-  if teacher_recipe(preset_name).get("with_validation", False):
+  the validation split where the recipe says `with_validation` unless
+  `hold_out_validation` keeps it unseen."""
+  if (teacher_recipe(preset_name).get("with_validation", False)
+      and not hold_out_validation):
     return dataset.train.concat(dataset.validation)
   return dataset.train
 
