@@ -115,6 +115,11 @@ def test_teacher_images_join_validation_after_train_and_refuse_other_shapes():
   np.testing.assert_array_equal(images.images[:len(ds.train)], ds.train.images)
   np.testing.assert_array_equal(images.labels[len(ds.train):], ds.validation.labels)
   assert recipes.teacher_images("s16", ds) is ds.train  # s16 keeps its validation out
+  assert recipes.teacher_images("tiny", ds, hold_out_validation=True) is ds.train
+  student = recipes.student_images("tiny-student", ds)
+  np.testing.assert_array_equal(student.images, images.images)
+  assert recipes.student_images("tiny-student", ds, hold_out_validation=True) is ds.train
+  assert recipes.student_images("ti16-student", ds) is ds.train
   wide = synthetic_split(4, TINY.replace(image_size=16, patch_size=4))
   with pytest.raises(ValueError, match=r"shape \(8, 8, 1\).*shape \(16, 16, 1\)"):
     ds.train.concat(wide)

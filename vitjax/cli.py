@@ -209,14 +209,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
   cfg = distill.DistillConfig(
       ce=args.ce, soft=args.soft, hard=args.hard, feature=args.feature,
       attention=args.attention, temperature=args.T)
-  tcfg = recipes.student_train_config(args.student_preset, len(dataset.train),
+  images = recipes.student_images(args.student_preset, dataset,
+                                  hold_out_validation=args.hold_out_validation)
+  tcfg = recipes.student_train_config(args.student_preset, len(images),
                                       epochs=args.epochs, steps=args.steps,
                                       batch_size=args.batch_size, learning_rate=args.lr,
                                       seed=args.seed)
   out = pathlib.Path(args.out)
   cache = None
   if args.offline:
-    cache = distill.cached_teacher(teacher, dataset.train, tcfg, out / "teacher_cache.npz",
+    cache = distill.cached_teacher(teacher, images, tcfg, out / "teacher_cache.npz",
                                    k=args.offline)
   history: dict[str, list] = {}
   def record(run: str):
@@ -226,7 +228,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
           history.setdefault(f"{run}/{k}", []).append((step, metrics[k]))
     return on_step
   student = distill.fit_student(teacher, model_lib.init(student_cfg, args.seed),
-                                dataset.train, tcfg, cfg, cache=cache,
+                                images, tcfg, cfg, cache=cache,
                                 workdir=out / recipes.TRAIN_DIR, on_step=record("distilled"))
   models = {"teacher": teacher, "student (distilled)": student}
   disk = {"teacher": export.disk_bytes(teacher_dir),
@@ -235,7 +237,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
               metadata={"distill": dataclasses.asdict(cfg), "train": tcfg.to_dict(),
                         "teacher": str(teacher_dir)})}
   if args.baseline:
-    alone = train.fit(model_lib.init(student_cfg, args.seed), dataset.train, tcfg,
+    alone = train.fit(model_lib.init(student_cfg, args.seed), images, tcfg,
                       workdir=out / "baseline" / recipes.TRAIN_DIR, run_name="baseline",
                       desc="no teacher", on_step=record("no teacher"))
     models["student (no teacher)"] = alone
@@ -357,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=None)
   p.add_argument("--lr", type=float, default=None)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--hold-out-validation", action="store_true",
+                 help="distill on the training split only (the tiny-student recipe also "
+                      "uses the validation images)")
   p.add_argument("--out", default="checkpoints/student")
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--coordinator", default=None, help="multi-process: host:port of process 0")

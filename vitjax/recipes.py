@@ -41,8 +41,10 @@ STUDENT_PRESETS = {"tiny": "tiny-student", "s16": "ti16-student", "b16": "ti16-s
 
 # Distillation recipes per student preset (offline cache of the teacher's logits).
 STUDENT_RECIPES: dict[str, dict[str, Any]] = {
-    "tiny-student": dict(epochs=6.0, batch_size=128, learning_rate=2e-3, warmup_steps=100,
-                         weight_decay=0.05, label_smoothing=0.0),
+    # 9 epochs on all 60k images: 89.35% against the 90.06% teacher (6 epochs on
+    # 55k: 88.66%; a weight average did not help here: 88.59%).
+    "tiny-student": dict(epochs=9.0, batch_size=128, learning_rate=2e-3, warmup_steps=100,
+                         weight_decay=0.05, label_smoothing=0.0, with_validation=True),
     "ti16-student": dict(epochs=30.0, batch_size=256, learning_rate=1e-3, warmup_steps=1000,
                          weight_decay=0.05, label_smoothing=0.0, crop_pad=2, flip=True,
                          augment_views=10),
@@ -88,22 +90,39 @@ def teacher_train_config(preset_name: str, n_train: int, **kwargs: Any) -> train
   return train_config(teacher_recipe(preset_name), n_train, **kwargs)
 
 
-def teacher_images(preset_name: str, dataset: data_lib.Dataset, *,
-                   hold_out_validation: bool = False) -> data_lib.Split:
-  """The images a preset's teacher trains on: the training split, followed by
-  the validation split where the recipe says `with_validation` unless
+def recipe_images(recipe: dict[str, Any], dataset: data_lib.Dataset, *,
+                  hold_out_validation: bool = False) -> data_lib.Split:
+  """The images a recipe trains on: the training split, followed by the
+  validation split where the recipe says `with_validation` unless
   `hold_out_validation` keeps it unseen."""
-  if (teacher_recipe(preset_name).get("with_validation", False)
-      and not hold_out_validation):
+  if recipe.get("with_validation", False) and not hold_out_validation:
     return dataset.train.concat(dataset.validation)
   return dataset.train
+
+
+def teacher_images(preset_name: str, dataset: data_lib.Dataset, *,
+                   hold_out_validation: bool = False) -> data_lib.Split:
+  """The images a preset's teacher trains on (see `recipe_images`)."""
+  return recipe_images(teacher_recipe(preset_name), dataset,
+                       hold_out_validation=hold_out_validation)
+
+
+def student_recipe(student_preset: str) -> dict[str, Any]:
+  """The distillation recipe of a student preset (the tiny one for others)."""
+  return STUDENT_RECIPES.get(student_preset, STUDENT_RECIPES["tiny-student"])
+
+
+def student_images(student_preset: str, dataset: data_lib.Dataset, *,
+                   hold_out_validation: bool = False) -> data_lib.Split:
+  """The images a student preset distills on (see `recipe_images`)."""
+  return recipe_images(student_recipe(student_preset), dataset,
+                       hold_out_validation=hold_out_validation)
 
 
 def student_train_config(student_preset: str, n_train: int, **kwargs: Any
                          ) -> train.TrainConfig:
   """The distillation recipe of a student preset (see `train_config`)."""
-  return train_config(STUDENT_RECIPES.get(student_preset, STUDENT_RECIPES["tiny-student"]),
-                      n_train, **kwargs)
+  return train_config(student_recipe(student_preset), n_train, **kwargs)
 
 
 def finetune_config(n_train: int, steps: int, *, learning_rate: float = 3e-4,

@@ -106,12 +106,13 @@ def _student(ctx: Context, _: dict[str, Model]) -> Model:
   name = recipes.STUDENT_PRESETS.get(ctx.settings.preset, "tiny-student")
   config = preset(name, num_classes=teacher.config.num_classes,
                   channels=teacher.config.channels, image_size=teacher.config.image_size)
-  tcfg = recipes.student_train_config(name, len(ctx.dataset.train),
-                                      epochs=ctx.settings.student_epochs)
-  cache = distill.cached_teacher(teacher, ctx.dataset.train, tcfg,
+  images = recipes.student_images(name, ctx.dataset).take(
+      slice(0, ctx.settings.train_images))
+  tcfg = recipes.student_train_config(name, len(images), epochs=ctx.settings.student_epochs)
+  cache = distill.cached_teacher(teacher, images, tcfg,
                                  ctx.out / "student" / "teacher_cache.npz",
                                  progress=ctx.progress)
-  return distill.fit_student(teacher, model_lib.init(config, 0), ctx.dataset.train, tcfg,
+  return distill.fit_student(teacher, model_lib.init(config, 0), images, tcfg,
                              distill.DistillConfig(ce=0.5, hard=0.5), cache=cache,
                              workdir=ctx.out / "student" / recipes.TRAIN_DIR,
                              progress=ctx.progress)
