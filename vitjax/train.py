@@ -233,9 +233,8 @@ def param_average(decay: float) -> optax.GradientTransformationExtraArgs:
     if params is None:
       raise ValueError("param_average needs the params in update(updates, state, params)")
     new = optax.apply_updates(params, updates)
-    average = jax.tree_util.tree_map(lambda a, p: decay * a + (1 - decay) * p,
-                                     state.average, new)
-    return updates, ParamAverageState(average)
+    return updates, ParamAverageState(
+        optax.tree_utils.tree_update_moment(new, state.average, decay, 1))
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -305,13 +304,22 @@ def make_train_step(model: Model, cfg: TrainConfig, partition: Partition,
     (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(train)
     updates, opt_state = optimizer.update(grads, state.opt_state, train)
     train = optax.apply_updates(train, updates)
-    params, extra = partition.merge(train, frozen)
-    params = leaves.constrain_tree(params)
-    if post_update is not None:
-      params = post_update(params, state.step + 1)
+    params, extra = _constrained_params(partition, train, frozen, post_update, state.step + 1)
     return TrainState(params, extra, opt_state, state.step + 1), metrics
 
   return step
+
+
+def _constrained_params(partition: Partition, train_leaves: list, frozen: list,
+                       post_update: PostUpdate | None, step: jax.Array
+                       ) -> tuple[PyTree, PyTree]:
+  """`(params, extra)` merged from trainable and frozen leaves, with the leaf
+  constraints (masks, factors, QAT) and `post_update` at `step` applied."""
+  params, extra = partition.merge(train_leaves, frozen)
+  params = leaves.constrain_tree(params)
+  if post_update is not None:
+    params = post_update(params, step)
+  return params, extra
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -452,10 +460,8 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
   params = state.params
   if cfg.ema_decay:
     _, frozen = partition.split((state.params, state.extra))
-    params, _ = partition.merge(averaged_leaves(state.opt_state), frozen)
-    params = leaves.constrain_tree(params)
-    if post_update is not None:
-      params = post_update(params, jnp.asarray(cfg.steps, jnp.int32))
+    params, _ = _constrained_params(partition, averaged_leaves(state.opt_state), frozen,
+                                   post_update, state.step)
   return Model(model.config, jax.device_get(params))
 
 
