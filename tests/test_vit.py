@@ -91,6 +91,48 @@ def test_deit_tokens_and_two_heads():
   assert not np.allclose(cls_logits, dist_logits)
 
 
+def _with_random_heads(m):
+  params = jax.tree_util.tree_map(lambda a: a, m.params)
+  for i, name in enumerate(n for n in ("head", "head_dist") if n in params):
+    params[name]["kernel"] = jax.random.normal(jax.random.PRNGKey(10 + i),
+                                               params[name]["kernel"].shape)
+  return m.replace(params=params)
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_patch_dropout_runs_the_encoder_on_the_kept_patches_only(distilled):
+  cfg = TINY.replace(image_size=16, distilled=distilled)  # 16 patches of 4x4
+  m = _with_random_heads(model_lib.init(cfg, 0))
+  images = _images(cfg, n=2)
+  full = model_lib.apply(m, images)
+  every = jnp.tile(jnp.arange(16), (2, 1))
+  np.testing.assert_allclose(model_lib.apply(m, images, keep=every), full, atol=1e-5)
+  # Attention is permutation-equivariant and positions are added before the
+  # tokens are picked: the order of the kept indices does not matter.
+  shuffled = jnp.stack([jax.random.permutation(jax.random.PRNGKey(i), 16) for i in range(2)])
+  np.testing.assert_allclose(model_lib.apply(m, images, keep=shuffled), full, atol=1e-5)
+  keep = jnp.array([[0, 3, 9, 14], [1, 2, 5, 15]])
+  dropped = model_lib.apply(m, images, keep=keep)
+  assert not np.allclose(dropped, full, atol=1e-3)
+  # A dropped patch's pixels never reach the logits (patches are row-major):
+  # patch 4 (rows 4..7, columns 0..3) is dropped in both images, patch 3 (rows
+  # 0..3, columns 12..15) kept in the first only.
+  altered = images.at[:, 4:8, 0:4].set(5.0)
+  np.testing.assert_allclose(model_lib.apply(m, altered, keep=keep), dropped, atol=1e-5)
+  altered = images.at[:, 0:4, 12:16].set(5.0)
+  moved = model_lib.apply(m, altered, keep=keep)
+  assert not np.allclose(moved[0], dropped[0], atol=1e-3)
+  np.testing.assert_allclose(moved[1], dropped[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("keep_shape", [(3, 4), (2, 17), (2, 0), (2,)])
+def test_patch_dropout_rejects_bad_keep_shapes(keep_shape):
+  cfg = TINY.replace(image_size=16)
+  m = model_lib.init(cfg, 0)
+  with pytest.raises(ValueError, match=r"keep has shape .* expected \(2, K\) with K in 1..16"):
+    model_lib.apply(m, _images(cfg, n=2), keep=jnp.zeros(keep_shape, jnp.int32))
+
+
 def test_intermediates_have_block_shapes():
   m = model_lib.init(TINY, 0)
   _, inter = model_lib.apply_with_intermediates(m, _images(TINY))

@@ -51,12 +51,14 @@ def init(config: ViTConfig, rng: jax.Array | int = 0) -> Model:
   return Model(config, params)
 
 
-def apply(model: Model, images: jax.Array, heads: str = "mean") -> Any:
+def apply(model: Model, images: jax.Array, heads: str = "mean",
+          keep: jax.Array | None = None) -> Any:
   """Returns the logits of `model` on (B, H, W, C) float `images`.
 
-  For a DeiT, `heads="both"` returns `(cls_logits, dist_logits)`.
+  For a DeiT, `heads="both"` returns `(cls_logits, dist_logits)`. `keep`, (B, K)
+  patch-token indices, drops every other patch token (patch dropout, training).
   """
-  return model.module.apply({"params": model.params}, images, heads=heads)
+  return model.module.apply({"params": model.params}, images, heads=heads, keep=keep)
 
 
 def apply_with_intermediates(model: Model, images: jax.Array,

@@ -140,6 +140,21 @@ def shifted_views(images: jax.Array, shift: int) -> jax.Array:
   return jnp.concatenate(views, axis=-1)
 
 
+def keep_patch_tokens(tokens: jax.Array, keep: jax.Array, prefix: int) -> jax.Array:
+  """(B, prefix + N, D) tokens -> (B, prefix + K, D): the prefix tokens, then
+  patch tokens `keep[b]` (K indices in 0..N-1) of each image b.
+
+  Raises:
+    ValueError: `keep` is not (B, K) with 1 <= K <= N.
+  """
+  b, n = tokens.shape[0], tokens.shape[1] - prefix
+  if keep.ndim != 2 or keep.shape[0] != b or not 1 <= keep.shape[1] <= n:
+    raise ValueError(f"keep has shape {keep.shape}, expected ({b}, K) with K in 1..{n} "
+                     "(indices of the patch tokens to keep)")
+  patches = jnp.take_along_axis(tokens[:, prefix:], keep[:, :, None], axis=1)
+  return jnp.concatenate([tokens[:, :prefix], patches], axis=1)
+
+
 class VisionTransformer(nn.Module):
   """ViT (class token or mean pooling) or DeiT (plus a distillation token and
   a second head).
@@ -149,12 +164,16 @@ class VisionTransformer(nn.Module):
   `__call__(images, heads="mean")` returns logits of shape (B, classes); for a
   DeiT, `heads="mean"` averages the two heads (inference) and `heads="both"`
   returns `(cls_logits, dist_logits)` (training with hard distillation).
+  `keep`, (B, K) indices into the patch tokens, runs the encoder on those K
+  patch tokens of each image (and the prefix tokens) only: patch dropout
+  (Liu et al. 2022), a training-time regularizer that also saves compute.
   """
 
   config: ViTConfig
 
   @nn.compact
-  def __call__(self, images: jax.Array, heads: str = "mean"):
+  def __call__(self, images: jax.Array, heads: str = "mean",
+               keep: jax.Array | None = None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     images = jnp.asarray(images, dtype)  # numpy input too (AQT needs JAX arrays)
@@ -175,6 +194,8 @@ class VisionTransformer(nn.Module):
     pos = self.param("pos_embedding", nn.initializers.normal(0.02),
                      (1, cfg.num_tokens, cfg.dim))
     x = x + pos.astype(dtype)
+    if keep is not None:
+      x = keep_patch_tokens(x, keep, cfg.num_prefix_tokens)
     x = Encoder(cfg, name="Transformer")(x)
     zero = nn.initializers.zeros
     pooled = x[:, 0] if cfg.pool == "tok" else x[:, cfg.num_prefix_tokens:].mean(axis=1)
