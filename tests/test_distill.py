@@ -95,6 +95,28 @@ def test_objective_is_the_weighted_sum_of_its_terms():
   assert set(metrics) >= {"loss", "accuracy", "agreement", "loss_ce", "loss_soft", "loss_hard"}
 
 
+def test_patch_dropout_reaches_the_student_not_the_teacher():
+  teacher = noisy_model(TINY, 1)
+  student = noisy_model(STUDENT, 2)
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1))
+  labels = jnp.array([0, 1, 2, 3])
+  keep = jnp.array([[0, 3], [1, 2], [0, 1], [2, 3]])  # 2 of the 4 patches
+  batch = Batch(x, labels, jnp.arange(4), jnp.zeros(4, jnp.int32), keep)
+  cfg = distill.DistillConfig(ce=0.5, soft=0.5, hard=0.0, temperature=2.0)
+  loss, _ = jax.jit(distill.objective(cfg, TINY))(student, batch, None, teacher, {})
+  cls_l, dist_l = model_lib.apply(student, x, heads="both", keep=keep)
+  t_l = model_lib.apply(teacher, x)
+  want = 0.5 * train.cross_entropy(cls_l, labels) + 0.5 * distill.soft_kl(dist_l, t_l, 2.0)
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  full, _ = distill.objective(cfg, TINY)(student, batch.replace(keep=None), None, teacher, {})
+  assert abs(float(full) - float(loss)) > 1e-3
+  with pytest.raises(ValueError, match="patch_dropout=0.5 drops student tokens"):
+    distill.fit_student(teacher, student, synthetic_split(32),
+                        train.TrainConfig(steps=1, batch_size=16, warmup_steps=0,
+                                          patch_dropout=0.5),
+                        distill.DistillConfig(feature=1.0))
+
+
 def test_gradients_reach_only_the_student():
   teacher = model_lib.init(TINY, 1)
   student = model_lib.init(STUDENT, 2)

@@ -1,9 +1,11 @@
 """Training: losses by hand, sharding parity, kill-and-resume, workdir checks."""
 
+import dataclasses
 import io
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -48,14 +50,15 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
                  for k in decayed)
 
 
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_eight_devices_match_one(fsdp):
+@pytest.mark.parametrize("fsdp, patch_dropout", [(False, 0.0), (True, 0.0), (False, 0.5)])
+def test_eight_devices_match_one(fsdp, patch_dropout):
   assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
   # 5 classes in batches of 16: no class can be exactly balanced, so no
   # gradient is a rounding-noise zero that Adam's normalization would amplify.
   config = TINY.replace(num_classes=5)
   split = synthetic_split(64, config)
-  cfg = train.TrainConfig(steps=1, batch_size=16, warmup_steps=0, fsdp=fsdp)
+  cfg = train.TrainConfig(steps=1, batch_size=16, warmup_steps=0, fsdp=fsdp,
+                          patch_dropout=patch_dropout)
   one = train.fit(model_lib.init(config, 0), split, cfg, progress=False,
                   mesh=sharding.make_mesh(jax.devices()[:1]))
   eight = train.fit(model_lib.init(config, 0), split, cfg, progress=False,
@@ -84,11 +87,12 @@ class Killed(Exception):
   pass
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
-def test_kill_and_resume_gives_identical_params(tmp_path, ema_decay):
+@pytest.mark.parametrize("ema_decay, patch_dropout", [(0.0, 0.0), (0.9, 0.5)])
+def test_kill_and_resume_gives_identical_params(tmp_path, ema_decay, patch_dropout):
   split = synthetic_split(96)
   cfg = train.TrainConfig(steps=9, batch_size=16, warmup_steps=2, checkpoint_every=2,
-                          log_every=1, crop_pad=1, flip=True, ema_decay=ema_decay)
+                          log_every=1, crop_pad=1, flip=True, ema_decay=ema_decay,
+                          patch_dropout=patch_dropout)
   mesh = sharding.make_mesh(jax.devices()[:2])
   straight = train.fit(model_lib.init(TINY, 0), split, cfg, progress=False, mesh=mesh)
 
@@ -130,11 +134,46 @@ def test_workdir_of_another_run_is_refused(tmp_path):
     (dict(steps=5, label_smoothing=1.0), r"label_smoothing must be in \[0, 1\)"),
     (dict(steps=5, learning_rate=0.0), "learning_rate must be > 0"),
     (dict(steps=5, ema_decay=1.0), r"ema_decay must be in \[0, 1\), got 1.0"),
+    (dict(steps=5, patch_dropout=1.0), r"patch_dropout must be in \[0, 1\), got 1.0"),
+    (dict(steps=5, patch_dropout=-0.1), r"patch_dropout must be in \[0, 1\), got -0.1"),
 ])
 def test_train_config_errors(kwargs, match):
   kwargs.setdefault("warmup_steps", 0)
   with pytest.raises(ValueError, match=match):
     train.TrainConfig(**kwargs)
+
+
+def test_kept_patches_are_a_fresh_sorted_subset_per_image_and_view():
+  keys = train.augmentation_keys(0, jnp.arange(64), jnp.zeros(64, jnp.int32))
+  keep = np.asarray(train.kept_patches(keys, 16, 0.5))
+  assert keep.shape == (64, 8) and keep.min() >= 0 and keep.max() < 16
+  assert all(np.all(np.diff(row) > 0) for row in keep)  # sorted, no repeats
+  assert len({tuple(row) for row in keep}) > 60  # images draw their own subsets
+  # Every patch is kept about half the time (64 images x 8 of 16 patches).
+  counts = np.bincount(keep.ravel(), minlength=16)
+  assert counts.sum() == 512 and counts.min() > 16 and counts.max() < 48
+  other_view = train.augmentation_keys(0, jnp.arange(64), jnp.ones(64, jnp.int32))
+  assert not np.array_equal(np.asarray(train.kept_patches(other_view, 16, 0.5)), keep)
+  np.testing.assert_array_equal(train.kept_patches(keys, 16, 0.5), keep)  # reproducible
+  assert train.kept_patches(keys, 16, 0.99).shape == (64, 1)  # at least one patch
+  assert train.kept_patches(keys, 17, 0.25).shape == (64, 13)
+
+
+def test_patch_dropout_changes_the_step_but_still_learns():
+  config = TINY.replace(image_size=16)  # 16 patches, 4 in each lit quadrant
+  split = synthetic_split(512, config)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  # Half the patches per step: twice the steps of test_training_learns_synthetic_task.
+  cfg = train.TrainConfig(steps=240, batch_size=32, learning_rate=1e-2, warmup_steps=5,
+                          label_smoothing=0.0, patch_dropout=0.5)
+  model = train.fit(model_lib.init(config, 0), split, cfg, progress=False, mesh=mesh)
+  assert evaluate.accuracy(model, synthetic_split(128, config, seed=1)) > 0.9
+  # Three steps: Adam's first update is the sign of the gradient, not its size.
+  short = dataclasses.replace(cfg, steps=3, warmup_steps=0)
+  dropped = train.fit(model_lib.init(config, 0), split, short, progress=False, mesh=mesh)
+  full = train.fit(model_lib.init(config, 0), split,
+                   dataclasses.replace(short, patch_dropout=0.0), progress=False, mesh=mesh)
+  assert sum(not np.allclose(a, b) for a, b in zip(_leaves(dropped), _leaves(full))) > 10
 
 
 def test_optimizer_masks_weight_decay():

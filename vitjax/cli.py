@@ -52,7 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   hold_out_validation=args.hold_out_validation)
   cfg = recipes.teacher_train_config(
       args.preset, len(images), epochs=args.epochs, steps=args.steps,
-      batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, fsdp=args.fsdp)
+      batch_size=args.batch_size, learning_rate=args.lr, patch_dropout=args.patch_dropout,
+      seed=args.seed, fsdp=args.fsdp)
   run_dir = pathlib.Path(args.out)
   model_dir = run_dir / recipes.MODEL_DIR
   if (model_dir / export.META_FILE).exists():
@@ -214,7 +215,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
   tcfg = recipes.student_train_config(args.student_preset, len(images),
                                       epochs=args.epochs, steps=args.steps,
                                       batch_size=args.batch_size, learning_rate=args.lr,
-                                      seed=args.seed)
+                                      patch_dropout=args.patch_dropout, seed=args.seed)
   out = pathlib.Path(args.out)
   cache = None
   if args.offline:
@@ -282,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=None, help="overrides --epochs")
   p.add_argument("--batch-size", type=int, default=None)
   p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+  p.add_argument("--patch-dropout", type=float, default=None,
+                 help="fraction of patch tokens each training image drops, in [0, 1) "
+                      "(default: the preset's recipe)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--fsdp", action="store_true", help="shard params over devices")
   p.add_argument("--hold-out-validation", action="store_true",
@@ -358,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=None)
   p.add_argument("--batch-size", type=int, default=None)
   p.add_argument("--lr", type=float, default=None)
+  p.add_argument("--patch-dropout", type=float, default=None,
+                 help="fraction of the student's patch tokens each training image drops, "
+                      "in [0, 1) (default: the recipe's)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--hold-out-validation", action="store_true",
                  help="distill on the training split only (the tiny-student recipe also "

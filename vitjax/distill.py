@@ -202,7 +202,8 @@ def objective(cfg: DistillConfig, teacher_config: ViTConfig):
       out, s_inter = model_lib.apply_with_intermediates(
           model, batch.images, heads="both" if s_cfg.distilled else "mean")
     else:
-      out = model_lib.apply(model, batch.images, heads="both" if s_cfg.distilled else "mean")
+      out = model_lib.apply(model, batch.images, heads="both" if s_cfg.distilled else "mean",
+                            keep=batch.keep)
       s_inter = None
     cls_logits, dist_logits = out if s_cfg.distilled else (out, out)
 
@@ -376,9 +377,14 @@ def fit_student(teacher: Model, student: Model, split: data_lib.Split,
 
   Raises:
     ValueError: teacher and student disagree on classes or input, bad
-      weights, or a cache that does not cover the split and its views.
+      weights, a cache that does not cover the split and its views, or
+      patch dropout with feature/attention terms (their token grids differ).
   """
   check_pair(student.config, teacher.config)
+  if train_cfg.patch_dropout and cfg.needs_intermediates:
+    raise ValueError(f"TrainConfig.patch_dropout={train_cfg.patch_dropout} drops student "
+                     "tokens, so feature/attention distillation cannot pair them with the "
+                     "teacher's; use patch_dropout=0 or feature=attention=0")
   if cache is not None:
     if cfg.needs_intermediates:
       raise ValueError("feature/attention distillation needs the teacher model, not a cache")

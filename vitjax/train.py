@@ -46,12 +46,15 @@ class Batch:
     index: (B,) positions of the images in the training split.
     view: (B,) which augmentation of each image this is (see
       `TrainConfig.augment_views`); 0 everywhere without augmentation.
+    keep: (B, K) patch tokens each image keeps (`TrainConfig.patch_dropout`),
+      for the student's forward pass; None keeps all.
   """
 
   images: jax.Array
   labels: jax.Array
   index: jax.Array
   view: jax.Array
+  keep: jax.Array | None = None
 
 
 # (model, batch, rng, aux, extra) -> (loss, metrics); `aux` is frozen (e.g. a
@@ -86,6 +89,10 @@ class TrainConfig:
     augment_views: 0: every epoch draws a new augmentation of each image;
       V > 0: image i in epoch e gets view e % V, the same each time (what an
       offline teacher cache of V views per image needs).
+    patch_dropout: in [0, 1): the fraction of patch tokens each training
+      image drops, a new random subset per image and view (PatchDropout, Liu
+      et al. 2022); a step then costs about (1 - patch_dropout) of a full one.
+      Evaluation always sees every token.
     seed: seeds batch order, augmentation and any loss randomness.
     checkpoint_every: save the state every this many steps (with a workdir).
     fsdp: shard parameters and optimizer state over devices.
@@ -104,6 +111,7 @@ class TrainConfig:
   crop_pad: int = 0
   flip: bool = False
   augment_views: int = 0
+  patch_dropout: float = 0.0
   seed: int = 0
   checkpoint_every: int = 500
   fsdp: bool = False
@@ -129,6 +137,8 @@ class TrainConfig:
       raise ValueError("TrainConfig.weight_decay, grad_clip and crop_pad must be >= 0")
     if self.augment_views < 0:
       raise ValueError(f"TrainConfig.augment_views must be >= 0, got {self.augment_views}")
+    if not 0 <= self.patch_dropout < 1:
+      raise ValueError(f"TrainConfig.patch_dropout must be in [0, 1), got {self.patch_dropout}")
 
   @property
   def augments(self) -> bool:
@@ -164,12 +174,12 @@ def classification_loss(label_smoothing: float = 0.0) -> LossFn:
     del rng, aux, extra
     images, labels = batch.images, batch.labels
     if model.config.distilled:
-      cls_logits, dist_logits = apply(model, images, heads="both")
+      cls_logits, dist_logits = apply(model, images, heads="both", keep=batch.keep)
       loss = (cross_entropy(cls_logits, labels, label_smoothing) +
               cross_entropy(dist_logits, labels, label_smoothing)) / 2
       logits = (cls_logits + dist_logits) / 2
     else:
-      logits = apply(model, images)
+      logits = apply(model, images, keep=batch.keep)
       loss = cross_entropy(logits, labels, label_smoothing)
     accuracy = (logits.argmax(-1) == labels).mean()
     return loss, {"loss": loss, "accuracy": accuracy}
@@ -276,6 +286,15 @@ def augmentation_keys(seed: int, index: jax.Array, view: jax.Array) -> jax.Array
       index, view)
 
 
+def kept_patches(keys: jax.Array, num_patches: int, patch_dropout: float) -> jax.Array:
+  """(B, K) sorted patch-token indices, a random subset of K = round((1 -
+  patch_dropout) * num_patches) (at least 1) per image key in `keys`."""
+  k = max(1, round((1 - patch_dropout) * num_patches))
+  def subset(key: jax.Array) -> jax.Array:
+    return jnp.sort(jax.random.permutation(jax.random.fold_in(key, 0xD409), num_patches)[:k])
+  return jax.vmap(subset)(keys)
+
+
 def make_train_step(model: Model, cfg: TrainConfig, partition: Partition,
                     optimizer: optax.GradientTransformation, loss_fn: LossFn,
                     post_update: PostUpdate | None, steps_per_epoch: int) -> Callable:
@@ -289,12 +308,14 @@ def make_train_step(model: Model, cfg: TrainConfig, partition: Partition,
     epoch = state.step // steps_per_epoch
     view = jnp.broadcast_to(augmentation_view(epoch, cfg.augment_views), index.shape)
     x = data_lib.preprocess(images, config)
+    keys = augmentation_keys(cfg.seed, index, view)
+    keep = kept_patches(keys, config.num_patches, cfg.patch_dropout) \
+        if cfg.patch_dropout else None
     if cfg.augments:
-      x = data_lib.augment(augmentation_keys(cfg.seed, index, view), x, cfg.crop_pad,
-                           cfg.flip)
+      x = data_lib.augment(keys, x, cfg.crop_pad, cfg.flip)
     else:
       view = jnp.zeros_like(index)
-    batch = Batch(x, labels, index, view)
+    batch = Batch(x, labels, index, view, keep)
     train, frozen = partition.split((state.params, state.extra))
 
     def objective(train_leaves):
