@@ -91,7 +91,8 @@ class TrainConfig:
       offline teacher cache of V views per image needs).
     patch_dropout: in [0, 1): the fraction of patch tokens each training
       image drops, a new random subset per image and view (PatchDropout, Liu
-      et al. 2022); a step then costs about (1 - patch_dropout) of a full one.
+      et al. 2022); a step then costs somewhat more than (1 - patch_dropout)
+      of a full one (see benchmarks/patch_dropout.py).
       Evaluation always sees every token.
     seed: seeds batch order, augmentation and any loss randomness.
     checkpoint_every: save the state every this many steps (with a workdir).
