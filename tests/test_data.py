@@ -12,6 +12,7 @@ import pytest
 
 from helpers import TINY, needs_fashion, synthetic_dataset, synthetic_split
 from vitjax import data as data_lib
+from vitjax.models.inputs import preprocess
 
 
 def _write_idx(path: pathlib.Path, array: np.ndarray, magic: int, cut: int = 0) -> None:
@@ -170,13 +171,61 @@ def test_make_dataset_rejects_oversized_holdout():
                           validation=40, calibration=20)
 
 
-def test_preprocess_normalizes_resizes_and_repeats_channels():
+def test_preprocess_normalizes_with_the_config_statistics_resizes_and_repeats_channels():
   images = jnp.full((2, 8, 8, 1), 255, jnp.uint8)
-  x = data_lib.preprocess(images, TINY)
-  np.testing.assert_allclose(x, (1.0 - data_lib.MEAN) / data_lib.STD, rtol=1e-6)
-  y = data_lib.preprocess(images, TINY.replace(image_size=16, patch_size=4, channels=3))
+  cfg = TINY.replace(pixel_mean=(0.25,), pixel_std=(0.5,))
+  np.testing.assert_allclose(preprocess(images, cfg), (1.0 - 0.25) / 0.5, rtol=1e-6)
+  rgb = TINY.replace(image_size=16, patch_size=4, channels=3, pixel_mean=(0.1, 0.2, 0.3),
+                     pixel_std=(0.5, 0.25, 1.0))
+  y = preprocess(images, rgb)
   assert y.shape == (2, 16, 16, 3)
-  np.testing.assert_allclose(y, (1.0 - data_lib.MEAN) / data_lib.STD, rtol=1e-5)
+  np.testing.assert_allclose(y[0, 0, 0], [(1 - 0.1) / 0.5, (1 - 0.2) / 0.25, 1 - 0.3],
+                             rtol=1e-5)
+
+
+def test_preprocess_gives_the_same_result_for_uint8_and_float_pixels():
+  images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1)).astype(np.uint8)
+  cfg = TINY.replace(pixel_mean=(0.3,), pixel_std=(0.4,))
+  np.testing.assert_allclose(preprocess(jnp.asarray(images), cfg),
+                             preprocess(jnp.asarray(images / 255.0, jnp.float32), cfg),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_dataset_statistics_come_from_its_own_training_split():
+  train, test = synthetic_split(200), synthetic_split(20, seed=1)
+  ds = data_lib.make_dataset(train, test, "s", validation=20, calibration=10)
+  pixels = ds.train.images.astype(np.float64) / 255
+  np.testing.assert_allclose(ds.pixel_mean, [pixels.mean()], rtol=1e-9)
+  np.testing.assert_allclose(ds.pixel_std, [pixels.std()], rtol=1e-9)
+  assert ds.pixel_mean != (data_lib.FASHION_MEAN,)
+  from vitjax import recipes
+  cfg = recipes.model_config("tiny", ds)
+  assert (cfg.pixel_mean, cfg.pixel_std) == (ds.pixel_mean, ds.pixel_std)
+
+
+def test_a_stray_label_is_an_error_not_a_huge_head():
+  train = synthetic_split(200)
+  labels = train.labels.copy()
+  labels[7] = 999
+  stray = data_lib.Split(train.images, labels)
+  with pytest.raises(data_lib.DatasetError, match=r"reach 999 but classes \[4, 5, 6"):
+    data_lib.make_dataset(stray, synthetic_split(20, seed=1), "s", validation=20,
+                          calibration=10)
+  with pytest.raises(data_lib.DatasetError, match="outside 0..9"):
+    data_lib.make_dataset(stray, synthetic_split(20, seed=1), "s", validation=20,
+                          calibration=10, num_classes=10)
+  ds = data_lib.make_dataset(train, synthetic_split(20, seed=1), "s", validation=20,
+                             calibration=10, num_classes=12)
+  assert ds.num_classes == 12
+
+
+def test_npz_float_images_must_be_pixels_on_the_unit_scale(tmp_path):
+  images = np.random.default_rng(0).normal(size=(20, 8, 8)).astype(np.float32)
+  labels = np.arange(20) % 4
+  np.savez(tmp_path / "train.npz", images=images, labels=labels)
+  np.savez(tmp_path / "test.npz", images=images, labels=labels)
+  with pytest.raises(data_lib.DatasetError, match=r"\[0, 1\] scale"):
+    data_lib.load_npz_dir(tmp_path)
 
 
 def test_augment_crops_and_flips_each_image_by_its_own_key():
@@ -187,6 +236,13 @@ def test_augment_crops_and_flips_each_image_by_its_own_key():
   for i in range(3):  # every image is either untouched or mirrored
     assert (np.array_equal(flipped[i], x[i]) or
             np.array_equal(flipped[i], x[i, :, ::-1]))
+  # Pixels really change: over 16 images some are mirrored and some crops move.
+  many = jnp.tile(x[:1], (16, 1, 1, 1))
+  keys16 = jax.random.split(jax.random.PRNGKey(1), 16)
+  flips = [not np.array_equal(v, many[0]) for v in data_lib.augment(keys16, many, 0, True)]
+  assert 0 < sum(flips) < 16
+  crops = data_lib.augment(keys16, many, 2, False)
+  assert sum(not np.array_equal(v, many[0]) for v in crops) >= 8
   cropped = data_lib.augment(keys, x, 2, False)
   assert cropped.shape == x.shape
   # A crop of the edge-padded image keeps a 2-pixel-shifted window of the original.

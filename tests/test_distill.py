@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from helpers import TINY, assert_params_close, noisy_model, synthetic_split
+from vitjax.models.inputs import preprocess
 from vitjax import data as data_lib
-from vitjax import distill, sharding, train
+from vitjax import distill, losses, sharding, train
 from vitjax import model as model_lib
 from vitjax.train import Batch
 
@@ -89,7 +90,7 @@ def test_objective_is_the_weighted_sum_of_its_terms():
   loss, metrics = jax.jit(distill.objective(cfg, TINY))(student, batch, None, teacher, {})
   cls_l, dist_l = model_lib.apply(student, x, heads="both")
   t_l = model_lib.apply(teacher, x)
-  want = (0.3 * train.cross_entropy(cls_l, labels) + 0.7 * distill.soft_kl(dist_l, t_l, 2.0) +
+  want = (0.3 * losses.cross_entropy(cls_l, labels) + 0.7 * distill.soft_kl(dist_l, t_l, 2.0) +
           0.2 * distill.hard_label(dist_l, t_l.argmax(-1)))
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   assert set(metrics) >= {"loss", "accuracy", "agreement", "loss_ce", "loss_soft", "loss_hard"}
@@ -106,7 +107,7 @@ def test_patch_dropout_reaches_the_student_not_the_teacher():
   loss, _ = jax.jit(distill.objective(cfg, TINY))(student, batch, None, teacher, {})
   cls_l, dist_l = model_lib.apply(student, x, heads="both", keep=keep)
   t_l = model_lib.apply(teacher, x)
-  want = 0.5 * train.cross_entropy(cls_l, labels) + 0.5 * distill.soft_kl(dist_l, t_l, 2.0)
+  want = 0.5 * losses.cross_entropy(cls_l, labels) + 0.5 * distill.soft_kl(dist_l, t_l, 2.0)
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   full, _ = distill.objective(cfg, TINY)(student, batch.replace(keep=None), None, teacher, {})
   assert abs(float(full) - float(loss)) > 1e-3
@@ -184,7 +185,7 @@ def test_offline_cache_gives_the_online_loss(tmp_path):
   index, view = jnp.array([3, 9]), jnp.array([1, 1])
   x = jnp.asarray(split.images[np.asarray(index)])
   x = data_lib.augment(train.augmentation_keys(tcfg.seed, index, view),
-                       data_lib.preprocess(x, TINY), 1, True)
+                       preprocess(x, TINY), 1, True)
   logits = model_lib.apply(teacher, x)
   student = model_lib.init(STUDENT, 2)
   batch = Batch(x, jnp.array([0, 1]), index, view)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import TINY, noisy_model, synthetic_split
+from vitjax.models.inputs import preprocess
 from vitjax import data as data_lib
 from vitjax import export, leaves
 from vitjax import model as model_lib
@@ -84,7 +85,7 @@ def test_data_aware_svd_is_better_on_the_calibration_inputs():
   calib = synthetic_split(128, BIG).images
   plain = lowrank.svd(rank=3)(m)
   aware = lowrank.svd(rank=3, calibration=calib)(m)
-  x = model_lib.linear_inputs(m, data_lib.preprocess(jnp.asarray(calib), BIG))
+  x = model_lib.linear_inputs(m, preprocess(jnp.asarray(calib), BIG))
   layer = "Transformer/encoderblock_1/MlpBlock_3/Dense_0"
   w = dict(model_lib.weight_leaves(m.params))[layer + "/kernel"]
   def out_err(model):

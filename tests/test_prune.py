@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import TINY, noisy_model, synthetic_split
+from vitjax.models.inputs import preprocess
 from vitjax import data as data_lib
 from vitjax import export, leaves, sharding, train
 from vitjax import model as model_lib
@@ -163,12 +164,12 @@ def test_static_int8_calibrates_both_factors_of_a_low_rank_layer(tmp_path):
   name = "Transformer/encoderblock_1/MlpBlock_3/Dense_0"
   leaf, float_leaf = _kernels(sq)[name], _kernels(small)[name]
   assert leaf.u.activations == leaf.v.activations == "static"
-  x = model_lib.linear_inputs(small, data_lib.preprocess(calib, CFG))[name]
+  x = model_lib.linear_inputs(small, preprocess(calib, CFG))[name]
   bound = calibrate.quant_bound(8)
   np.testing.assert_allclose(leaf.u.act_scale, np.abs(x).max() / bound, rtol=1e-6)
   np.testing.assert_allclose(leaf.v.act_scale, np.abs(x @ float_leaf.u).max() / bound,
                              rtol=1e-5)
-  images = data_lib.preprocess(calib[:8], CFG)  # the distribution calibrated on
+  images = preprocess(calib[:8], CFG)  # the distribution calibrated on
   ref, out = model_lib.apply(small, images), model_lib.apply(sq, images)
   err = np.abs(out - ref).max()
   # As close as per-token dynamic int8 (a second factor given its first

@@ -8,6 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from helpers import TINY, noisy_model, synthetic_split
+from vitjax.models.inputs import preprocess
 from vitjax import data as data_lib
 from vitjax import export, leaves
 from vitjax import model as model_lib
@@ -166,7 +167,7 @@ def test_static_calibration_records_ranges_and_shifts_skewed_inputs():
   calib = synthetic_split(64).images
   layers = ["Transformer/encoderblock_0/MlpBlock_3/Dense_1", "embedding"]
   stats = calibrate.collect(m, calib, layers, progress=False)
-  x = model_lib.linear_inputs(m, data_lib.preprocess(jnp.asarray(calib), TINY))
+  x = model_lib.linear_inputs(m, preprocess(jnp.asarray(calib), TINY))
   gelu_in = np.asarray(x[layers[0]])
   assert stats[layers[0]].lo == pytest.approx(gelu_in.min(), rel=1e-5)
   assert stats[layers[0]].hi == pytest.approx(gelu_in.max(), rel=1e-5)

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from helpers import TINY, assert_params_close, synthetic_split
-from vitjax import evaluate, progress, recipes, sharding, train
+from vitjax import evaluate, losses, progress, recipes, sharding, train
 from vitjax import model as model_lib
 
 
@@ -27,8 +27,8 @@ def test_cross_entropy_with_smoothing_by_hand():
   targets = np.full((2, 3), eps / 3)
   targets[np.arange(2), labels] += 1 - eps
   want = -(targets * logp).sum(-1).mean()
-  np.testing.assert_allclose(train.cross_entropy(logits, labels, eps), want, rtol=1e-6)
-  np.testing.assert_allclose(train.cross_entropy(logits, labels),
+  np.testing.assert_allclose(losses.cross_entropy(logits, labels, eps), want, rtol=1e-6)
+  np.testing.assert_allclose(losses.cross_entropy(logits, labels),
                              -logp[np.arange(2), labels].mean(), rtol=1e-6)
 
 

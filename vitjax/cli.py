@@ -15,7 +15,7 @@ import jax
 from vitjax import data as data_lib
 from vitjax import distill, evaluate, export, plots, recipes, sharding, survey, train
 from vitjax import model as model_lib
-from vitjax.models.config import PRESETS, preset
+from vitjax.models.config import PRESETS
 from vitjax.transforms import calibrate, lowrank, prune, quantize, structured
 
 Command = Callable[[argparse.Namespace], int]
@@ -204,9 +204,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
   teacher = export.load_model(teacher_dir)
   dataset = _load_data(args)
   data_lib.check_compatible(dataset.image_shape, dataset.num_classes, teacher.config)
-  student_cfg = preset(args.student_preset, num_classes=teacher.config.num_classes,
-                       channels=teacher.config.channels,
-                       image_size=teacher.config.image_size)
+  student_cfg = recipes.student_config(args.student_preset, teacher.config)
   cfg = distill.DistillConfig(
       ce=args.ce, soft=args.soft, hard=args.hard, feature=args.feature,
       attention=args.attention, temperature=args.T)

@@ -6,10 +6,13 @@ names, then `$VITJAX_DATA_DIR`, then the user cache
 Debian package's path `/usr/share/datasets/fashion-mnist`; every file's IDX
 header, counts and SHA-256 are checked.
 
-Images stay uint8 (N, H, W, C) in host memory; batches are cut by a seeded
-permutation per epoch, so any step of any epoch can be rebuilt exactly (that is
-what makes resumed training bit-identical). Normalization and augmentation run
-on the device inside the jitted step (`preprocess`, `augment`).
+Images stay uint8 (N, H, W, C) (or float pixels on the [0, 1] scale) in host
+memory; batches are cut by a seeded permutation per epoch, so any step of any
+epoch can be rebuilt exactly (that is what makes resumed training
+bit-identical). Every `Dataset` carries the per-channel pixel statistics of
+its training split, which `recipes.model_config` copies into the model config;
+normalization (`vitjax.models.inputs.preprocess`) and augmentation (`augment`)
+run on the device inside the jitted step.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import hashlib
 import os
 import pathlib
 import struct
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +51,10 @@ FASHION_FILES = {
         "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"),
 }
 
-MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics / 255
+# Fashion-MNIST's training-set pixel mean and standard deviation on the [0, 1]
+# scale (the published figures); other datasets get theirs from their own
+# training split (`pixel_statistics`).
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 
 
 class DatasetError(Exception):
@@ -89,6 +95,8 @@ class Dataset:
 
   `calibration` is drawn from the training images (never from test), for
   post-training quantization; `validation` is held out of `train`.
+  `pixel_mean` and `pixel_std` are per-channel statistics of the training
+  images on the [0, 1] scale.
   """
 
   name: str
@@ -97,6 +105,8 @@ class Dataset:
   calibration: Split
   test: Split
   num_classes: int
+  pixel_mean: tuple[float, ...]
+  pixel_std: tuple[float, ...]
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -226,13 +236,19 @@ def _npz_split(path: pathlib.Path) -> Split:
     images = images.astype(np.float32)
     if not np.isfinite(images).all():
       raise DatasetError(f"{path}: images hold NaN or inf")
+    lo, hi = float(images.min(initial=0.0)), float(images.max(initial=0.0))
+    if lo < 0 or hi > 1:
+      raise DatasetError(
+          f"{path}: float images must be pixel values on the [0, 1] scale, got values "
+          f"in [{lo:.4g}, {hi:.4g}]; store uint8 pixels (0..255), or divide by 255 (do "
+          "not normalize: the model config holds the statistics)")
   return Split(images, labels.astype(np.int32))
 
 
 def load_npz_dir(path: str | os.PathLike) -> tuple[Split, Split]:
   """Returns (train, test) from `path/train.npz` and `path/test.npz`.
 
-  Each file holds `images` (uint8 0..255, or float already normalized, shape
+  Each file holds `images` (uint8 0..255, or float pixels in [0, 1], shape
   (N, H, W) or (N, H, W, C)) and integer `labels` (N,). Files are read with
   `allow_pickle=False`.
 
@@ -253,15 +269,67 @@ def load_npz_dir(path: str | os.PathLike) -> tuple[Split, Split]:
   return train, test
 
 
+def pixel_statistics(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel (mean, std) of (N, H, W, C) pixels on the [0, 1] scale.
+
+  A channel of constant value has no spread to scale by: its std is given as
+  1, so normalization only shifts it.
+
+  Raises:
+    ValueError: no images.
+  """
+  if len(images) == 0:
+    raise ValueError("pixel statistics need at least one image")
+  scale = 255.0 if images.dtype == np.uint8 else 1.0
+  total = np.zeros(images.shape[-1])
+  total_sq = np.zeros(images.shape[-1])
+  for start in range(0, len(images), 4096):
+    part = images[start:start + 4096].astype(np.float64) / scale
+    total += part.sum(axis=(0, 1, 2))
+    total_sq += (part ** 2).sum(axis=(0, 1, 2))
+  count = images.size / images.shape[-1]
+  mean = total / count
+  std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+  std = np.where(std > 1e-12, std, 1.0)
+  return tuple(float(m) for m in mean), tuple(float(v) for v in std)
+
+
+def infer_num_classes(labels: np.ndarray) -> int:
+  """max(labels) + 1, once every class 0..max has a training example.
+
+  Raises:
+    DatasetError: some class below the largest label has no example: a stray
+      label would otherwise build a head of that size silently.
+  """
+  present = np.unique(labels)
+  k = int(present[-1]) + 1
+  if len(present) != k:
+    missing = sorted(set(range(k)) - set(present.tolist()))
+    raise DatasetError(
+        f"the training labels reach {k - 1} but classes {missing[:10]}"
+        f"{'...' if len(missing) > 10 else ''} ({len(missing)} of {k}) have no example; "
+        "a stray label? Fix the labels or give the class count (num_classes=, CLI "
+        "--num-classes)")
+  return k
+
+
 def make_dataset(train: Split, test: Split, name: str, *, validation: int | None = None,
-                 calibration: int | None = None, seed: int = 0) -> Dataset:
+                 calibration: int | None = None, seed: int = 0,
+                 num_classes: int | None = None,
+                 pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None
+                 ) -> Dataset:
   """Holds out `validation` training images and draws `calibration` from the rest.
 
   By default validation is min(5000, N/10) and calibration min(1024, N/10) of
-  the N training images.
+  the N training images. `num_classes` defaults to `infer_num_classes` of the
+  training labels; `pixel_stats` (mean, std) to `pixel_statistics` of the
+  training images (after the validation images are held out).
 
   Raises:
-    ValueError: the training split is too small for the held-out sizes.
+    ValueError: the training split is too small for the held-out sizes, or
+      num_classes < 1.
+    DatasetError: a label outside 0..num_classes-1, or classes without
+      examples when num_classes is inferred.
   """
   n = len(train)
   validation = min(5000, n // 10) if validation is None else validation
@@ -270,32 +338,45 @@ def make_dataset(train: Split, test: Split, name: str, *, validation: int | None
     raise ValueError(
         f"validation={validation} and calibration={calibration} need fewer than "
         f"{n} training images together (validation >= 0, calibration >= 1)")
+  if num_classes is None:
+    num_classes = infer_num_classes(train.labels)
+  elif num_classes < 1:
+    raise ValueError(f"num_classes={num_classes} must be >= 1")
+  for split_name, split in (("training", train), ("test", test)):
+    if len(split) and int(split.labels.max()) >= num_classes:
+      raise DatasetError(f"the {split_name} labels reach {int(split.labels.max())}, outside "
+                         f"0..{num_classes - 1} (num_classes={num_classes})")
   order = np.random.default_rng(seed).permutation(n)
   val_idx, train_idx = np.sort(order[:validation]), np.sort(order[validation:])
   kept = train.take(train_idx)
   calib_idx = np.sort(np.random.default_rng(seed + 1).permutation(len(kept))[:calibration])
-  num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+  mean, std = pixel_stats if pixel_stats is not None else pixel_statistics(kept.images)
   return Dataset(name, kept, train.take(val_idx), kept.take(calib_idx), test,
-                 num_classes)
+                 num_classes, tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
 def load(name: str = "fashion_mnist", data_dir: str | os.PathLike | None = None,
-         **split_sizes: int) -> Dataset:
+         **options: Any) -> Dataset:
   """Loads a dataset by name: 'fashion_mnist', or 'npz' (needs `data_dir`).
+
+  `options` go to `make_dataset` (split sizes, seed, num_classes,
+  pixel_stats); Fashion-MNIST uses its published training-set statistics.
 
   Raises:
     ValueError: unknown name, or 'npz' without `data_dir`.
-    DatasetError: see `load_fashion_mnist_arrays` and `load_npz_dir`.
+    DatasetError: see `load_fashion_mnist_arrays`, `load_npz_dir` and
+      `make_dataset`.
   """
   if name == "fashion_mnist":
     train, test = load_fashion_mnist_arrays(data_dir)
+    options.setdefault("pixel_stats", ((FASHION_MEAN,), (FASHION_STD,)))
   elif name == "npz":
     if not data_dir:
       raise ValueError("dataset 'npz' needs a data_dir holding train.npz and test.npz")
     train, test = load_npz_dir(data_dir)
   else:
     raise ValueError(f"unknown dataset {name!r}; choose 'fashion_mnist' or 'npz'")
-  return make_dataset(train, test, name, **split_sizes)
+  return make_dataset(train, test, name, **options)
 
 
 def check_compatible(image_shape: tuple[int, ...], num_classes: int,
@@ -359,26 +440,6 @@ def eval_batches(split: Split, batch_size: int
 
 
 # ----------------------------------------------------- on-device transforms
-
-
-def preprocess(images: jax.Array, config) -> jax.Array:
-  """uint8 (or float) (B, H, W, C) -> normalized float32 of the model's shape.
-
-  uint8 images are scaled to [0, 1] and standardized with the Fashion-MNIST
-  statistics; float images are taken as already normalized. Images are resized
-  (bilinear) to `config.image_size` and a single channel repeated to 3 when
-  the model wants 3.
-  """
-  x = images
-  if x.dtype == jnp.uint8:
-    x = (x.astype(jnp.float32) / 255.0 - MEAN) / STD
-  x = x.astype(jnp.float32)
-  b, h, w, c = x.shape
-  if (h, w) != (config.image_size, config.image_size):
-    x = jax.image.resize(x, (b, config.image_size, config.image_size, c), "bilinear")
-  if c == 1 and config.channels == 3:
-    x = jnp.repeat(x, 3, axis=-1)
-  return x
 
 
 def augment(keys: jax.Array, images: jax.Array, pad: int = 2,

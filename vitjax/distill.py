@@ -34,8 +34,10 @@ from vitjax import model as model_lib
 from vitjax import progress as progress_lib
 from vitjax import train as train_lib
 from vitjax.model import Model
+from vitjax.models.inputs import preprocess
 from vitjax.models.config import ViTConfig
-from vitjax.train import Batch, Metrics, cross_entropy
+from vitjax.losses import cross_entropy
+from vitjax.train import Batch, Metrics
 
 
 def _check_temperature(t: float) -> None:
@@ -155,6 +157,11 @@ def check_pair(student: ViTConfig, teacher: ViTConfig) -> None:
         f"teacher takes {teacher.image_size}x{teacher.image_size}x{teacher.channels} images, "
         f"the student {student.image_size}x{student.image_size}x{student.channels}; "
         "they must take the same input")
+  if (student.pixel_mean, student.pixel_std) != (teacher.pixel_mean, teacher.pixel_std):
+    raise ValueError(
+        f"teacher normalizes pixels with mean {teacher.pixel_mean} / std "
+        f"{teacher.pixel_std}, the student with {student.pixel_mean} / "
+        f"{student.pixel_std}; they see the same preprocessed images, so these must match")
 
 
 @flax.struct.dataclass
@@ -299,7 +306,7 @@ def build_teacher_cache(teacher: Model, split: data_lib.Split,
 
   @jax.jit
   def top_k(m: Model, images: jax.Array, index: jax.Array, view: jax.Array):
-    x = data_lib.preprocess(images, m.config)
+    x = preprocess(images, m.config)
     if train_cfg.augments:
       keys = train_lib.augmentation_keys(train_cfg.seed, index, view)
       x = data_lib.augment(keys, x, train_cfg.crop_pad, train_cfg.flip)

@@ -20,11 +20,12 @@ import numpy as np
 from vitjax import data as data_lib
 from vitjax import model as model_lib
 from vitjax.model import Model
+from vitjax.models.inputs import preprocess
 
 
 @jax.jit
 def _predict(model: Model, images: jax.Array) -> jax.Array:
-  return model_lib.apply(model, data_lib.preprocess(images, model.config)).argmax(-1)
+  return model_lib.apply(model, preprocess(images, model.config)).argmax(-1)
 
 
 def predictions(model: Model, split: data_lib.Split, batch_size: int = 256) -> np.ndarray:

@@ -4,7 +4,8 @@ A model directory holds:
   vitjax.json   the config, a description of every leaf of the parameter tree
                 (plain array, or a registered leaf type with its static fields),
                 where each array lies in which buffer, its dtype and shape,
-                every buffer's SHA-256, and free metadata;
+                every buffer's SHA-256, free metadata, and the SHA-256 of all
+                of that (`description_sha256`);
   arrays/       one orbax checkpoint of a dict of 1-D buffers, one per dtype.
 
 Arrays are stored in their own dtype: int8 stays int8, int4 is packed two
@@ -13,9 +14,11 @@ weight is written. The flattened arrays are concatenated into one buffer per
 stored dtype (each with a SHA-256), so a checkpoint holds a handful of arrays
 and its metadata stays small next to the weights. Saving writes into a
 temporary sibling directory and renames it into place, so an interrupted save
-leaves nothing half-written; loading verifies every checksum and the tree
-against the config, so a corrupt or truncated checkpoint is refused with a
-clear error.
+leaves nothing half-written (a replaced checkpoint is put back if the final
+rename fails); loading verifies the description's digest, its layout field by
+field, every buffer's checksum and the tree against the config, so a corrupt,
+edited or truncated checkpoint is refused with a `CheckpointError` that names
+what is wrong.
 """
 
 from __future__ import annotations
@@ -35,15 +38,23 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vitjax import data as data_lib
 from vitjax import leaves
 from vitjax import model as model_lib
 from vitjax.model import Model
 from vitjax.models.config import ViTConfig
 
 FORMAT = "vitjax-model"
-VERSION = 1
+# 2: the description carries its own SHA-256 and the config its pixel
+# statistics. Version 1 (no description digest) is still read; its models
+# normalized uint8 pixels with Fashion-MNIST's statistics, which load_model
+# puts into the config.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_FILE = "vitjax.json"
 ARRAYS_DIR = "arrays"
+DIGEST_KEY = "description_sha256"
+CODECS = ("raw", "int4-packed", "bits")
 
 class CheckpointError(Exception):
   """A checkpoint is missing, corrupt, truncated or of an unknown format."""
@@ -181,22 +192,124 @@ def _encode(node: Any, key: str, arrays: dict[str, np.ndarray],
                         f"or registered leaf type {sorted(leaves.storable_types())}")
 
 
-def _decode(desc: Any, arrays: dict[str, np.ndarray]) -> Any:
+def _decode(desc: Any, arrays: dict[str, np.ndarray], key: str, used: set[str]) -> Any:
+  """The tree a description stands for; refuses malformed nodes by path.
+
+  Every array must be referenced once, at the path its layout names.
+  """
   if desc is None:
     return None
+  if not isinstance(desc, dict):
+    raise CheckpointError(f"tree node {key} is a {type(desc).__name__}, not a description")
+  kinds = set(desc) & {"dict", "list", "array", "type"}
+  if len(kinds) != 1:
+    raise CheckpointError(f"tree node {key} has keys {sorted(desc)}; expected one of "
+                          "'dict', 'list', 'array' or a leaf 'type'")
   if "dict" in desc:
-    return {k: _decode(v, arrays) for k, v in desc["dict"].items()}
+    if not isinstance(desc["dict"], dict):
+      raise CheckpointError(f"tree node {key}: 'dict' holds a {type(desc['dict']).__name__}")
+    return {k: _decode(v, arrays, f"{key}/{k}", used) for k, v in desc["dict"].items()}
   if "list" in desc:
-    return [_decode(v, arrays) for v in desc["list"]]
+    if not isinstance(desc["list"], list):
+      raise CheckpointError(f"tree node {key}: 'list' holds a {type(desc['list']).__name__}")
+    return [_decode(v, arrays, f"{key}/{i}", used) for i, v in enumerate(desc["list"])]
   if "array" in desc:
-    return arrays[desc["array"]]
-  cls = leaves.storable_types().get(desc.get("type"))
+    name = desc["array"]
+    if not isinstance(name, str) or name not in arrays:
+      raise CheckpointError(f"tree node {key} names array {name!r}, which the array "
+                            "layout does not list")
+    if name in used:
+      raise CheckpointError(f"tree node {key} names array {name!r} a second time")
+    used.add(name)
+    return arrays[name]
+  cls = leaves.storable_types().get(desc["type"]) if isinstance(desc["type"], str) else None
   if cls is None:
-    raise CheckpointError(f"checkpoint holds leaf type {desc.get('type')!r}, which this "
+    raise CheckpointError(f"tree node {key} holds leaf type {desc['type']!r}, which this "
                           f"vitjax does not know (known: {sorted(leaves.storable_types())})")
-  kwargs = {k: _decode(v, arrays) for k, v in desc["fields"].items()}
-  kwargs.update({k: _static_from_json(v) for k, v in desc["static"].items()})
-  return cls(**kwargs)
+  fields, static = desc.get("fields"), desc.get("static")
+  if not isinstance(fields, dict) or not isinstance(static, dict):
+    raise CheckpointError(f"tree node {key} ({desc['type']}) lacks its 'fields' or "
+                          "'static' entries")
+  want = {f.name: _is_static(f) for f in dataclasses.fields(cls)}
+  got = {**{k: False for k in fields}, **{k: True for k in static}}
+  if got != want or set(fields) & set(static):
+    raise CheckpointError(
+        f"tree node {key} ({desc['type']}) stores fields {sorted(fields)} and static "
+        f"{sorted(static)}; the type has fields "
+        f"{sorted(k for k, v in want.items() if not v)} and static "
+        f"{sorted(k for k, v in want.items() if v)}")
+  kwargs = {k: _decode(v, arrays, f"{key}/{k}", used) for k, v in fields.items()}
+  try:
+    kwargs.update({k: _static_from_json(v) for k, v in static.items()})
+    return cls(**kwargs)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"tree node {key} ({desc['type']}) is invalid: {e}") from e
+
+
+def _stored_layout(info: dict[str, Any]) -> tuple[str, int]:
+  """(buffer dtype, stored length) that an array's dtype, shape and codec imply."""
+  size = int(np.prod(info["shape"]))
+  if info["codec"] == "int4-packed":
+    return "uint8", (size + 1) // 2
+  if info["codec"] == "bits":
+    return "uint8", (size + 7) // 8
+  return info["dtype"], size
+
+
+def _check_layout(infos: Any, digests: Any, where: pathlib.Path) -> dict[str, int]:
+  """Checks the array layout of a description: every field present and typed,
+  dtype, codec and buffer consistent, lengths implied by the shapes, and the
+  arrays of each buffer tiling it in order. Returns each buffer's length.
+
+  Raises:
+    CheckpointError: naming the array and field that are wrong.
+  """
+  if not isinstance(digests, dict) or not digests or not all(
+      isinstance(v, str) and len(v) == 64 for v in digests.values()):
+    raise CheckpointError(f"{where}: the buffer list ('buffers') must map each buffer to "
+                          f"a SHA-256 hex digest, got {str(digests)[:200]}")
+  if not isinstance(infos, dict):
+    raise CheckpointError(f"{where}: the array layout ('arrays') is a "
+                          f"{type(infos).__name__}, not a mapping")
+  ends = {name: 0 for name in digests}
+  codecs = {"int4-packed": ("int4", "uint4"), "bits": ("bool",)}
+  for name, info in infos.items():
+    kinds = {"dtype": str, "codec": str, "buffer": str, "path": str, "shape": list,
+             "offset": int, "length": int}
+    for field, kind in kinds.items():
+      if not isinstance(info, dict) or not isinstance(info.get(field), kind) or \
+          isinstance(info.get(field), bool):
+        raise CheckpointError(f"{where}: array {name} has no valid {field!r} field")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+               for d in info["shape"]):
+      raise CheckpointError(f"{where}: array {name} ({info['path']}) has shape "
+                            f"{info['shape']}")
+    if info["codec"] not in CODECS:
+      raise CheckpointError(f"{where}: array {name} ({info['path']}) has unknown codec "
+                            f"{info['codec']!r}; known: {CODECS}")
+    allowed = codecs.get(info["codec"])
+    if allowed is not None and info["dtype"] not in allowed:
+      raise CheckpointError(f"{where}: array {name} ({info['path']}) has dtype "
+                            f"{info['dtype']!r}, which codec {info['codec']!r} cannot hold")
+    try:
+      np.dtype(getattr(ml_dtypes, info["dtype"], None) or info["dtype"])
+    except TypeError as e:
+      raise CheckpointError(f"{where}: array {name} ({info['path']}) has unknown dtype "
+                            f"{info['dtype']!r}") from e
+    buffer, length = _stored_layout(info)
+    if info["buffer"] != buffer or buffer not in digests:
+      raise CheckpointError(f"{where}: array {name} ({info['path']}) lies in buffer "
+                            f"{info['buffer']!r}; its dtype and codec put it in {buffer!r} "
+                            f"(buffers: {sorted(digests)})")
+    if info["length"] != length:
+      raise CheckpointError(f"{where}: array {name} ({info['path']}) has length "
+                            f"{info['length']}; its shape and codec need {length}")
+    if info["offset"] != ends[buffer]:
+      raise CheckpointError(f"{where}: array {name} ({info['path']}) has offset "
+                            f"{info['offset']}; the arrays before it in buffer {buffer} "
+                            f"end at {ends[buffer]}")
+    ends[buffer] += length
+  return ends
 
 
 # ------------------------------------------------------------------ save/load
@@ -219,6 +332,7 @@ def save_model(model: Model, path: str | os.PathLike, *,
   path = pathlib.Path(path).absolute()
   if path.exists() and not overwrite:
     raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+  check_output_path(path, overwrite)
   model_lib.check_params(model.config, model.params)
   arrays: dict[str, np.ndarray] = {}
   infos: dict[str, Any] = {}
@@ -226,6 +340,7 @@ def save_model(model: Model, path: str | os.PathLike, *,
   buffers, digests = _pack(arrays, infos)
   meta = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
           "tree": tree, "arrays": infos, "buffers": digests, "metadata": metadata or {}}
+  meta[DIGEST_KEY] = description_digest(meta)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
   try:
@@ -234,17 +349,59 @@ def save_model(model: Model, path: str | os.PathLike, *,
     checkpointer.wait_until_finished()
     checkpointer.close()
     (tmp / META_FILE).write_text(json.dumps(meta, separators=(",", ":")))
-    if path.exists():
-      old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-      path.rename(old)
-      tmp.rename(path)
-      shutil.rmtree(old)
-    else:
-      tmp.rename(path)
+    _replace_dir(tmp, path)
   finally:
     if tmp.exists():
       shutil.rmtree(tmp)
   return disk_bytes(path)
+
+
+def _replace_dir(new: pathlib.Path, path: pathlib.Path) -> None:
+  """Renames directory `new` to `path`; an existing `path` is replaced, and
+  put back if the rename fails."""
+  if not path.exists():
+    new.rename(path)
+    return
+  old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+  path.rename(old)
+  try:
+    new.rename(path)
+  except BaseException:
+    old.rename(path)
+    raise
+  shutil.rmtree(old)
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool) -> None:
+  """Checks, before any work, that a directory can be written at `path`.
+
+  Raises:
+    FileExistsError: `path` exists and `overwrite` is False.
+    CheckpointError: `path` is an existing file, or its nearest existing
+      ancestor is not a writable directory.
+  """
+  path = pathlib.Path(path).absolute()
+  if path.exists():
+    if not overwrite:
+      raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to "
+                            "replace it")
+    if not path.is_dir():
+      raise CheckpointError(f"output path {path} is a file, not a directory")
+  parent = path.parent
+  while not parent.exists():
+    parent = parent.parent
+  if not parent.is_dir():
+    raise CheckpointError(f"output path {path} lies under {parent}, which is a file")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise CheckpointError(f"output path {path} cannot be created: {parent} is not writable")
+
+
+def description_digest(meta: dict[str, Any]) -> str:
+  """SHA-256 of a checkpoint description without its own digest field (keys
+  sorted, compact separators)."""
+  body = {k: v for k, v in meta.items() if k != DIGEST_KEY}
+  return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+                        .encode()).hexdigest()
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -260,9 +417,22 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     meta = json.loads(meta_path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{meta_path} is corrupt or truncated: {e}") from e
-  if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+  if not isinstance(meta, dict):
+    raise CheckpointError(f"{meta_path} is corrupt: it holds a {type(meta).__name__}, "
+                          "not a checkpoint description")
+  if meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS:
     raise CheckpointError(f"{path} has format {meta.get('format')!r} version "
-                          f"{meta.get('version')!r}; expected {FORMAT!r} version {VERSION}")
+                          f"{meta.get('version')!r}; expected {FORMAT!r} version "
+                          f"{' or '.join(map(str, READABLE_VERSIONS))}")
+  if meta["version"] == 1 and DIGEST_KEY in meta:
+    raise CheckpointError(f"{meta_path} says version 1, which has no {DIGEST_KEY}, yet "
+                          "carries one: its version field was edited")
+  if meta["version"] >= 2:
+    if DIGEST_KEY not in meta:
+      raise CheckpointError(f"{meta_path} is corrupt: its {DIGEST_KEY} is missing")
+    if meta[DIGEST_KEY] != description_digest(meta):
+      raise CheckpointError(f"{meta_path} fails its {DIGEST_KEY} check: the description "
+                            "(config, tree, array layout or metadata) was edited or corrupted")
   return meta
 
 
@@ -274,14 +444,24 @@ def load_model(path: str | os.PathLike, expect_config: ViTConfig | None = None) 
     expect_config: if given, the stored config must equal it.
 
   Raises:
-    CheckpointError: missing files, bad checksums, truncated arrays, unknown
-      leaf types, or a config other than `expect_config`.
-    ValueError: the stored tree does not fit its config or holds NaN/inf.
+    CheckpointError: missing files, a description that fails its digest or is
+      malformed (named field by field), bad buffer checksums, truncated arrays,
+      unknown leaf types, a tree that does not fit its config, or a config
+      other than `expect_config`.
   """
   path = pathlib.Path(path)
   meta = read_metadata(path)
+  config_dict = meta.get("config")
+  if not isinstance(config_dict, dict):
+    raise CheckpointError(f"{path} has no config")
+  if meta["version"] == 1:
+    if "pixel_mean" in config_dict or "pixel_std" in config_dict:
+      raise CheckpointError(f"{path} says version 1, whose configs have no pixel "
+                            "statistics, yet its config has them")
+    config_dict = {**config_dict, "pixel_mean": [data_lib.FASHION_MEAN],
+                   "pixel_std": [data_lib.FASHION_STD]}
   try:
-    config = ViTConfig.from_dict(meta["config"])
+    config = ViTConfig.from_dict(config_dict)
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"{path} holds an invalid config: {e}") from e
   if expect_config is not None and config != expect_config:
@@ -289,7 +469,8 @@ def load_model(path: str | os.PathLike, expect_config: ViTConfig | None = None) 
              if expect_config.to_dict()[k] != v}
     raise CheckpointError(f"{path} was saved for a different model config "
                           f"(field: (saved, expected)) {diffs}")
-  infos, digests = meta["arrays"], meta["buffers"]
+  infos, digests = meta.get("arrays"), meta.get("buffers")
+  ends = _check_layout(infos, digests, path)
   try:
     checkpointer = ocp.StandardCheckpointer()
     stored = checkpointer.restore(path.absolute() / ARRAYS_DIR)
@@ -302,16 +483,24 @@ def load_model(path: str | os.PathLike, expect_config: ViTConfig | None = None) 
                           "are missing or unexpected")
   buffers = {name: np.ascontiguousarray(np.asarray(stored[name])) for name in digests}
   for name, digest in digests.items():
+    if str(buffers[name].dtype) != name or buffers[name].ndim != 1:
+      raise CheckpointError(f"{path} is corrupt: the {name} buffer holds "
+                            f"{buffers[name].dtype} {buffers[name].shape}")
     if hashlib.sha256(buffers[name].tobytes()).hexdigest() != digest:
       raise CheckpointError(f"{path} is corrupt: the {name} buffer fails its SHA-256 check")
-  arrays = {}
-  for name, info in infos.items():
-    buffer = buffers[info["buffer"]]
-    if info["offset"] + info["length"] > len(buffer):
-      raise CheckpointError(f"{path} is corrupt: {info['path']} lies outside its buffer")
-    arrays[name] = _decode_array(buffer[info["offset"]:info["offset"] + info["length"]], info)
-  params = _decode(meta["tree"], arrays)
-  model_lib.check_params(config, params)
+    if len(buffers[name]) != ends[name]:
+      raise CheckpointError(f"{path} is corrupt: the {name} buffer holds "
+                            f"{len(buffers[name])} values, its arrays {ends[name]}")
+  arrays = {name: _decode_array(buffers[info["buffer"]][
+      info["offset"]:info["offset"] + info["length"]], info) for name, info in infos.items()}
+  used: set[str] = set()
+  params = _decode(meta.get("tree"), arrays, "params", used)
+  if used != set(arrays):
+    raise CheckpointError(f"{path}: arrays {sorted(set(arrays) - used)[:5]} are in the "
+                          "layout but not in the tree")
+  try:
+    model_lib.check_params(config, params)
+  except ValueError as e:
+    raise CheckpointError(f"{path}: the stored tree does not fit its config: {e}") from e
   params = jax.tree_util.tree_map(jnp.asarray, params)
   return Model(config, params)
-

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import jax
 import jax.numpy as jnp
@@ -51,18 +51,22 @@ def init(config: ViTConfig, rng: jax.Array | int = 0) -> Model:
   return Model(config, params)
 
 
-def apply(model: Model, images: jax.Array, heads: str = "mean",
+Heads = Literal["mean", "both"]
+
+
+def apply(model: Model, images: jax.Array, heads: Heads = "mean",
           keep: jax.Array | None = None) -> Any:
   """Returns the logits of `model` on (B, H, W, C) float `images`.
 
-  For a DeiT, `heads="both"` returns `(cls_logits, dist_logits)`. `keep`, (B, K)
+  For a DeiT, `heads="both"` returns `(cls_logits, dist_logits)`; a model
+  without a distillation token refuses it, and any other `heads` value. `keep`, (B, K)
   patch-token indices, drops every other patch token (patch dropout, training).
   """
   return model.module.apply({"params": model.params}, images, heads=heads, keep=keep)
 
 
 def apply_with_intermediates(model: Model, images: jax.Array,
-                             heads: str = "mean") -> tuple[Any, dict[str, list]]:
+                             heads: Heads = "mean") -> tuple[Any, dict[str, list]]:
   """Returns `(logits, {"features": [...], "attention": [...]})`.
 
   `features[i]` is block i's output tokens (B, T, dim); `attention[i]` its

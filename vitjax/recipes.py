@@ -55,12 +55,21 @@ STUDENT_RECIPES: dict[str, dict[str, Any]] = {
 
 
 def model_config(preset_name: str, dataset: data_lib.Dataset) -> ViTConfig:
-  """The preset's config with classes (and channels, for 1-vs-3) fitted to the data."""
+  """The preset's config fitted to the data: its classes, its pixel statistics,
+  and its channels (a 1-channel dataset may feed a 3-channel preset)."""
   cfg = preset(preset_name, num_classes=dataset.num_classes)
   channels = dataset.image_shape[-1]
   if channels != cfg.channels and channels != 1:
     cfg = cfg.replace(channels=channels)
-  return cfg
+  return cfg.replace(pixel_mean=dataset.pixel_mean, pixel_std=dataset.pixel_std)
+
+
+def student_config(student_preset: str, teacher: ViTConfig) -> ViTConfig:
+  """The student preset's config taking the teacher's input: its classes, image
+  size, channels and pixel statistics."""
+  return preset(student_preset, num_classes=teacher.num_classes, channels=teacher.channels,
+                image_size=teacher.image_size, pixel_mean=teacher.pixel_mean,
+                pixel_std=teacher.pixel_std)
 
 
 def train_config(recipe: dict[str, Any], n_train: int, *, epochs: float | None = None,
@@ -83,9 +92,21 @@ def train_config(recipe: dict[str, Any], n_train: int, *, epochs: float | None =
   return train.TrainConfig(steps=steps, **recipe)
 
 
+def _recipe(recipes: dict[str, dict[str, Any]], name: str, kind: str) -> dict[str, Any]:
+  if name not in recipes:
+    raise ValueError(f"preset {name!r} has no {kind} recipe; the presets with one are "
+                     f"{sorted(recipes)} (give the steps and optimizer settings yourself, "
+                     "or add a recipe to vitjax.recipes)")
+  return recipes[name]
+
+
 def teacher_recipe(preset_name: str) -> dict[str, Any]:
-  """The teacher recipe of a preset (the tiny one for presets without their own)."""
-  return TEACHER_RECIPES.get(preset_name, TEACHER_RECIPES["tiny"])
+  """The teacher recipe of a preset.
+
+  Raises:
+    ValueError: the preset has none (no silent fallback to another preset's).
+  """
+  return _recipe(TEACHER_RECIPES, preset_name, "teacher")
 
 
 def teacher_train_config(preset_name: str, n_train: int, **kwargs: Any) -> train.TrainConfig:
@@ -111,8 +132,12 @@ def teacher_images(preset_name: str, dataset: data_lib.Dataset, *,
 
 
 def student_recipe(student_preset: str) -> dict[str, Any]:
-  """The distillation recipe of a student preset (the tiny one for others)."""
-  return STUDENT_RECIPES.get(student_preset, STUDENT_RECIPES["tiny-student"])
+  """The distillation recipe of a student preset.
+
+  Raises:
+    ValueError: the preset has none.
+  """
+  return _recipe(STUDENT_RECIPES, student_preset, "distillation")
 
 
 def student_images(student_preset: str, dataset: data_lib.Dataset, *,

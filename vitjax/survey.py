@@ -28,7 +28,6 @@ from vitjax import distill, evaluate, export, plots, recipes
 from vitjax import model as model_lib
 from vitjax import progress as progress_lib
 from vitjax.model import Model
-from vitjax.models.config import preset
 from vitjax.transforms import lowrank, prune, quantize, structured
 
 
@@ -103,9 +102,8 @@ class Method:
 
 def _student(ctx: Context, _: dict[str, Model]) -> Model:
   teacher = ctx.teacher
-  name = recipes.STUDENT_PRESETS.get(ctx.settings.preset, "tiny-student")
-  config = preset(name, num_classes=teacher.config.num_classes,
-                  channels=teacher.config.channels, image_size=teacher.config.image_size)
+  name = recipes.STUDENT_PRESETS[ctx.settings.preset]
+  config = recipes.student_config(name, teacher.config)
   images = recipes.student_images(name, ctx.dataset).take(
       slice(0, ctx.settings.train_images))
   tcfg = recipes.student_train_config(name, len(images), epochs=ctx.settings.student_epochs)

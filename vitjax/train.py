@@ -30,7 +30,9 @@ import orbax.checkpoint as ocp
 from vitjax import data as data_lib
 from vitjax import leaves, sharding
 from vitjax import progress as progress_lib
+from vitjax.losses import cross_entropy
 from vitjax.model import Model, apply
+from vitjax.models.inputs import preprocess
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -158,14 +160,6 @@ class TrainState:
 
 
 # ------------------------------------------------------------------- losses
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
-  """Mean softmax cross-entropy against one-hot labels smoothed by `smoothing`."""
-  n = logits.shape[-1]
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, n), smoothing) if smoothing else \
-      jax.nn.one_hot(labels, n)
-  return optax.softmax_cross_entropy(logits, targets).mean()
 
 
 def classification_loss(label_smoothing: float = 0.0) -> LossFn:
@@ -308,7 +302,7 @@ def make_train_step(model: Model, cfg: TrainConfig, partition: Partition,
     loss_rng = jax.random.fold_in(base_key, state.step)
     epoch = state.step // steps_per_epoch
     view = jnp.broadcast_to(augmentation_view(epoch, cfg.augment_views), index.shape)
-    x = data_lib.preprocess(images, config)
+    x = preprocess(images, config)
     keys = augmentation_keys(cfg.seed, index, view)
     keep = kept_patches(keys, config.num_patches, cfg.patch_dropout) \
         if cfg.patch_dropout else None

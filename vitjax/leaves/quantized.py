@@ -17,7 +17,8 @@ straight through the rounding.
 from __future__ import annotations
 
 import functools
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import flax.struct
 import jax
@@ -69,6 +70,10 @@ def _quantize_per_channel(w: jax.Array, bits: int) -> aqt_tensor.QTensor:
   return qt.replace(scale_t=None)
 
 
+Activations = Literal["float", "dynamic", "static"]
+ACTIVATIONS: tuple[str, ...] = typing.get_args(Activations)
+
+
 @register_storable
 @flax.struct.dataclass
 class QuantizedWeight:
@@ -88,8 +93,15 @@ class QuantizedWeight:
   act_scale: jax.Array | None = None
   act_shift: jax.Array | None = None
   bits: int = flax.struct.field(pytree_node=False, default=8)
-  activations: str = flax.struct.field(pytree_node=False, default="float")
+  activations: Activations = flax.struct.field(pytree_node=False, default="float")
   act_bits: int = flax.struct.field(pytree_node=False, default=8)
+
+  def __post_init__(self) -> None:
+    if self.activations not in ACTIVATIONS:
+      raise ValueError(f"QuantizedWeight.activations={self.activations!r}; choose one of "
+                       f"{ACTIVATIONS}")
+    check_bits(self.bits)
+    check_bits(self.act_bits, "act_bits")
 
   @property
   def shape(self) -> tuple[int, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 
@@ -31,6 +32,12 @@ class ViTConfig:
     block_mlp_dims: per-block MLP widths after structured pruning (empty: all
       blocks have `mlp_dim`).
     dtype: compute dtype of activations ('float32' or 'bfloat16').
+    pixel_mean: per-channel mean of the training images on the [0, 1] pixel
+      scale (one value, or one per channel), subtracted before the model;
+      it belongs to the data the model was trained on, so the checkpoint
+      keeps it. Default 0 (no shift).
+    pixel_std: per-channel standard deviation on the same scale (> 0),
+      divided out after the mean. Default 1.
   """
 
   image_size: int = 28
@@ -47,6 +54,8 @@ class ViTConfig:
   block_heads: tuple[int, ...] = ()
   block_mlp_dims: tuple[int, ...] = ()
   dtype: str = "float32"
+  pixel_mean: tuple[float, ...] = (0.0,)
+  pixel_std: tuple[float, ...] = (1.0,)
 
   def __post_init__(self) -> None:
     for name in ("image_size", "patch_size", "channels", "num_classes", "dim",
@@ -72,6 +81,19 @@ class ViTConfig:
     # Lists from JSON become tuples so the config stays hashable.
     object.__setattr__(self, "block_heads", tuple(self.block_heads))
     object.__setattr__(self, "block_mlp_dims", tuple(self.block_mlp_dims))
+    for name in ("pixel_mean", "pixel_std"):
+      values = getattr(self, name)
+      if isinstance(values, (int, float)):
+        values = (values,)
+      values = tuple(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                     else v for v in values)
+      object.__setattr__(self, name, values)
+      if len(values) not in (1, self.channels) or not all(
+          isinstance(v, float) and math.isfinite(v) for v in values):
+        raise ValueError(f"ViTConfig.{name} must be 1 or channels={self.channels} finite "
+                         f"numbers, got {values!r}")
+    if not all(v > 0 for v in self.pixel_std):
+      raise ValueError(f"ViTConfig.pixel_std must be > 0, got {self.pixel_std!r}")
     for name, full in (("block_heads", self.num_heads),
                        ("block_mlp_dims", self.mlp_dim)):
       sizes = getattr(self, name)
@@ -119,6 +141,8 @@ class ViTConfig:
     out = dataclasses.asdict(self)
     out["block_heads"] = list(self.block_heads)
     out["block_mlp_dims"] = list(self.block_mlp_dims)
+    out["pixel_mean"] = list(self.pixel_mean)
+    out["pixel_std"] = list(self.pixel_std)
     return out
 
   @classmethod

@@ -200,13 +200,16 @@ class VisionTransformer(nn.Module):
     zero = nn.initializers.zeros
     pooled = x[:, 0] if cfg.pool == "tok" else x[:, cfg.num_prefix_tokens:].mean(axis=1)
     logits = Linear(cfg.num_classes, kernel_init=zero, name="head")(pooled)
+    if heads not in ("mean", "both"):
+      raise ValueError(f"heads must be 'mean' or 'both', got {heads!r}")
     if not cfg.distilled:
+      if heads == "both":
+        raise ValueError("heads='both' needs a DeiT (distilled=True): this model has one "
+                         "head")
       return logits.astype(jnp.float32)
     dist_token = x[:, cfg.num_prefix_tokens - 1]
     dist = Linear(cfg.num_classes, kernel_init=zero, name="head_dist")(dist_token)
     logits, dist = logits.astype(jnp.float32), dist.astype(jnp.float32)
     if heads == "both":
       return logits, dist
-    if heads != "mean":
-      raise ValueError(f"heads must be 'mean' or 'both', got {heads!r}")
     return (logits + dist) / 2

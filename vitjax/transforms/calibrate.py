@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax import data as data_lib
 from vitjax import leaves
 from vitjax import model as model_lib
 from vitjax import progress as progress_lib
 from vitjax.model import Model
+from vitjax.models.inputs import preprocess
 from vitjax.transforms import select
 
 CALIBRATORS = ("minmax", "percentile", "mse")
@@ -157,12 +157,12 @@ def collect(model: Model, images: np.ndarray, layers: list[str], *,
 
   @jax.jit
   def ranges(m: Model, x: jax.Array):
-    inputs = point_inputs(m, data_lib.preprocess(x, config), layers)
+    inputs = point_inputs(m, preprocess(x, config), layers)
     return {k: (inputs[k].min(), inputs[k].max()) for k in layers}
 
   @jax.jit
   def histograms(m: Model, x: jax.Array, shift: dict, top: dict):
-    inputs = point_inputs(m, data_lib.preprocess(x, config), layers)
+    inputs = point_inputs(m, preprocess(x, config), layers)
     out = {}
     for k in layers:
       mags = jnp.abs(inputs[k] + shift[k]).reshape(-1)

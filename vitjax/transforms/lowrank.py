@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax import data as data_lib
 from vitjax import model as model_lib
 from vitjax.leaves import LowRank
 from vitjax.model import Model
+from vitjax.models.inputs import preprocess
 from vitjax.transforms.select import (ALL, HEADS, LayerTransform, Patterns, get_kernel,
                                      layer_transform)
 
@@ -99,7 +99,7 @@ def _grams(model: Model, images: np.ndarray, layers: list[str],
            batch_size: int = 128) -> dict[str, np.ndarray]:
   @jax.jit
   def batch_grams(m: Model, x: jax.Array) -> dict[str, jax.Array]:
-    inputs = model_lib.linear_inputs(m, data_lib.preprocess(x, m.config))
+    inputs = model_lib.linear_inputs(m, preprocess(x, m.config))
     out = {}
     for k in layers:
       a = inputs[k].reshape(-1, inputs[k].shape[-1]).astype(jnp.float32)
@@ -123,7 +123,9 @@ def svd(*, rank: int | None = None, energy: float | None = None,
   Raises:
     ValueError: not exactly one of rank/energy/param_budget; a value out of
       range (rank 1..min(in, out) of every chosen layer, energy in (0, 1],
-      param_budget in (0, 1)); a chosen layer that is not a float weight.
+      param_budget in (0, 1)); a `rank` whose factors would not be smaller
+      than a chosen layer (with energy or param_budget such a layer stays
+      dense, and a line says so); a chosen layer that is not a float weight.
   """
   given = [k for k, v in (("rank", rank), ("energy", energy),
                           ("param_budget", param_budget)) if v is not None]
@@ -158,6 +160,14 @@ def svd(*, rank: int | None = None, energy: float | None = None,
     f, r = plan[path]
     m, n = np.shape(w)
     if r * (m + n) >= m * n:
+      if rank is not None:
+        raise ValueError(
+            f"rank={rank} does not shrink layer {path} ({m}x{n}): its factors would hold "
+            f"{r * (m + n)} values against {m * n} dense; use rank < {m * n // (m + n) + 1} "
+            "or exclude the layer")
+      print(f"lowrank: layer {path} stays dense: the rank {r} that {given[0]}="
+            f"{energy if energy is not None else param_budget} asks for would hold "
+            f"{r * (m + n)} values against {m * n} dense")
       return w
     return f.factors(r)
 

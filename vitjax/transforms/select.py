@@ -50,7 +50,9 @@ def resolve(params: Any, include: Sequence[Sequence[str]],
   """Layers matching a pattern of every group of `include` and none of `exclude`.
 
   Raises:
-    ValueError: a pattern is not a valid regex or matches no linear layer.
+    ValueError: a pattern is not a valid regex or matches no linear layer, or
+      the patterns together select no layer (e.g. `only(A, exclude=B)` where
+      B covers A, or two groups whose intersection is empty).
   """
   layers = linear_layers(params)
   for pattern in [p for group in include for p in group] + list(exclude):
@@ -61,8 +63,13 @@ def resolve(params: Any, include: Sequence[Sequence[str]],
     if not hit:
       raise ValueError(f"layer pattern {pattern!r} matches no linear layer; the layers "
                        f"are {layers[:4]} ... {layers[-2:]} ({len(layers)} in all)")
-  return [layer for layer in layers
-          if all(_match(group, layer) for group in include) and not _match(exclude, layer)]
+  chosen = [layer for layer in layers
+            if all(_match(group, layer) for group in include) and not _match(exclude, layer)]
+  if not chosen:
+    raise ValueError(f"the layer patterns select no layer together: every one of the "
+                     f"groups {[list(g) for g in include]} must match, and none of "
+                     f"exclude={list(exclude)}")
+  return chosen
 
 
 def get_kernel(params: Any, layer: str) -> Any:

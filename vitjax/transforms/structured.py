@@ -15,16 +15,19 @@ Importance of a head or neuron ("score"):
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax import data as data_lib
+from vitjax import losses
 from vitjax import model as model_lib
-from vitjax import train
 from vitjax.model import Model
+from vitjax.models.inputs import preprocess
+
+if TYPE_CHECKING:  # a type only: transforms do not import the dataset module
+  from vitjax.data import Split
 
 SCORES = ("l1", "l2", "taylor")
 ATTN = "MultiHeadDotProductAttention_1"
@@ -93,7 +96,7 @@ def norm_scores(model: Model, kind: str) -> tuple[list[np.ndarray], list[np.ndar
   return heads, neurons
 
 
-def taylor_scores(model: Model, calibration: data_lib.Split, batch_size: int = 128
+def taylor_scores(model: Model, calibration: Split, batch_size: int = 128
                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
   """First-order Taylor importance of heads and neurons over calibration batches."""
   cfg = model.config
@@ -102,8 +105,8 @@ def taylor_scores(model: Model, calibration: data_lib.Split, batch_size: int = 1
   @jax.jit
   def contributions(m: Model, images: jax.Array, labels: jax.Array):
     def loss(params):
-      logits = model_lib.apply(Model(cfg, params), data_lib.preprocess(images, cfg))
-      return train.cross_entropy(logits, labels)
+      logits = model_lib.apply(Model(cfg, params), preprocess(images, cfg))
+      return losses.cross_entropy(logits, labels)
     grads = jax.grad(loss)(m.params)
     heads, neurons = [], []
     for i in range(cfg.depth):
@@ -161,7 +164,7 @@ def slice_model(model: Model, head_keep: list[np.ndarray],
 
 def heads_and_neurons(*, head_keep: float | Sequence[int] = 1.0,
                       mlp_keep: float | Sequence[int] = 1.0, score: str = "l2",
-                      calibration: data_lib.Split | None = None,
+                      calibration: Split | None = None,
                       batch_size: int = 128):
   """`Model -> Model` keeping the most important heads and MLP neurons per block.
 
