@@ -1,10 +1,12 @@
-"""Runs the survey on a miniature config and synthetic data (test_survey.py).
+"""Runs `vitjax survey` (the CLI) on a miniature config and synthetic npz data
+(test_survey.py).
 
 usage: python miniature_survey.py OUT_DIR
 One CPU device, as a user's CPU run has; the test checks the files it writes.
 """
 
 import os
+import pathlib
 import sys
 
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -13,14 +15,22 @@ os.environ["XLA_FLAGS"] = ("--xla_backend_optimization_level=0 "
                            "--xla_llvm_disable_expensive_passes=true")
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import MINI_STUDENT, MINI_TEACHER, synthetic_dataset  # noqa: E402
-from vitjax import recipes, survey  # noqa: E402
+import numpy as np  # noqa: E402
+
+from helpers import MINI_STUDENT, MINI_TEACHER, synthetic_split  # noqa: E402
+from vitjax import cli, recipes  # noqa: E402
 from vitjax.models import config as config_lib  # noqa: E402
 
 config_lib.PRESETS["tiny"] = MINI_TEACHER
 config_lib.PRESETS["tiny-student"] = MINI_STUDENT
 recipes.TEACHER_RECIPES["tiny"] = dict(recipes.TEACHER_RECIPES["tiny"], learning_rate=1e-2,
                                        batch_size=32)
-settings = survey.Settings(preset="tiny", finetune_steps=3, student_epochs=0.3,
-                           teacher_epochs=12, calibration=32, quick=True)
-survey.run(settings, sys.argv[1], dataset=synthetic_dataset(512, 128), progress=False)
+out = pathlib.Path(sys.argv[1])
+data_dir = out.parent / "data"
+data_dir.mkdir(parents=True, exist_ok=True)
+for name, n, seed in (("train.npz", 576, 0), ("test.npz", 128, 1)):
+  split = synthetic_split(n, MINI_TEACHER, seed)
+  np.savez(data_dir / name, images=split.images, labels=split.labels)
+sys.exit(cli.main(["survey", "--quick", "--teacher-epochs", "12", "--finetune-steps", "3",
+                   "--student-epochs", "0.3", "--dataset", "npz", "--data-dir", str(data_dir),
+                   "--out", str(out)]))

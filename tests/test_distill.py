@@ -81,8 +81,8 @@ def test_attention_kl_by_hand():
 
 
 def test_objective_is_the_weighted_sum_of_its_terms():
-  teacher = model_lib.init(TINY, 1)
-  student = model_lib.init(STUDENT, 2)
+  teacher = noisy_model(TINY, 1)
+  student = noisy_model(STUDENT, 2)
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1))
   labels = jnp.array([0, 1, 2, 3])
   batch = Batch(x, labels, jnp.arange(4), jnp.zeros(4, jnp.int32))
@@ -94,6 +94,15 @@ def test_objective_is_the_weighted_sum_of_its_terms():
           0.2 * distill.hard_label(dist_l, t_l.argmax(-1)))
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   assert set(metrics) >= {"loss", "accuracy", "agreement", "loss_ce", "loss_soft", "loss_hard"}
+  # The comparison is not vacuous: swapping two weights, or reading a term
+  # from the other head, changes the sum by far more than the tolerance.
+  swapped = (0.2 * losses.cross_entropy(cls_l, labels) + 0.7 * distill.soft_kl(dist_l, t_l, 2.0)
+             + 0.3 * distill.hard_label(dist_l, t_l.argmax(-1)))
+  other_head = (0.3 * losses.cross_entropy(dist_l, labels) +
+                0.7 * distill.soft_kl(cls_l, t_l, 2.0) +
+                0.2 * distill.hard_label(cls_l, t_l.argmax(-1)))
+  for wrong in (swapped, other_head):
+    assert abs(float(wrong) - float(want)) > 100 * 1e-5 * abs(float(want))
 
 
 def test_patch_dropout_reaches_the_student_not_the_teacher():
@@ -119,8 +128,8 @@ def test_patch_dropout_reaches_the_student_not_the_teacher():
 
 
 def test_gradients_reach_only_the_student():
-  teacher = model_lib.init(TINY, 1)
-  student = model_lib.init(STUDENT, 2)
+  teacher = noisy_model(TINY, 1)
+  student = noisy_model(STUDENT, 2)
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1))
   batch = Batch(x, jnp.array([0, 1, 2, 3]), jnp.arange(4), jnp.zeros(4, jnp.int32))
   cfg = distill.DistillConfig(ce=0.5, soft=0.5, hard=0.5, feature=1.0, attention=1.0)
@@ -135,12 +144,12 @@ def test_gradients_reach_only_the_student():
 
 
 def _fit(mesh, workdir=None, on_step=None, cfg=None, steps=4):
-  teacher = model_lib.init(TINY, 1)
+  teacher = noisy_model(TINY, 1)
   tcfg = train.TrainConfig(steps=steps, batch_size=16, warmup_steps=min(1, steps - 1),
                            checkpoint_every=2,
                            log_every=1)
   cfg = cfg or distill.DistillConfig(ce=0.5, soft=0.5, hard=0.0, temperature=2.0)
-  return distill.fit_student(teacher, model_lib.init(STUDENT, 2), synthetic_split(64), tcfg,
+  return distill.fit_student(teacher, noisy_model(STUDENT, 2), synthetic_split(64), tcfg,
                              cfg, mesh=mesh, workdir=workdir, progress=False, on_step=on_step)
 
 
@@ -152,6 +161,12 @@ def test_eight_device_distillation_matches_one_device():
   one = _fit(sharding.make_mesh(jax.devices()[:1]), steps=1)
   eight = _fit(sharding.make_mesh(jax.devices()), steps=1)
   assert_params_close(one, eight, atol=1e-5)
+  # The step moved the (non-trivial) student, so agreeing is not vacuous.
+  start = noisy_model(STUDENT, 2)
+  moved = [float(np.abs(a - b).max()) for a, b in zip(_leaves(start), _leaves(one))]
+  assert max(moved) > 1e-4
+  x = jax.random.normal(jax.random.PRNGKey(5), (4, 8, 8, 1))
+  assert float(jnp.abs(model_lib.apply(one, x)).min()) > 1e-3
 
 
 class Killed(Exception):
@@ -166,7 +181,10 @@ def test_distillation_kill_and_resume_is_bit_exact(tmp_path):
       raise Killed()
   with pytest.raises(Killed):
     _fit(mesh, workdir=tmp_path, on_step=die, steps=5)
-  resumed = _fit(mesh, workdir=tmp_path, steps=5)
+  seen = []
+  resumed = _fit(mesh, workdir=tmp_path, steps=5, on_step=lambda step, _: seen.append(step))
+  # Saved every 2 steps and killed after step 3: the run resumes from step 2.
+  assert seen == [3, 4, 5]
   for a, b in zip(_leaves(straight), _leaves(resumed)):
     np.testing.assert_array_equal(a, b)
 

@@ -74,10 +74,19 @@ def test_param_budget_keeps_the_requested_fraction():
   assert 0.4 * dense < after <= 0.5 * dense
 
 
-def test_energy_leaves_layers_dense_when_factors_would_not_be_smaller():
+def test_energy_leaves_layers_dense_when_factors_would_not_be_smaller(capsys):
   m = _model()
   full = lowrank.svd(energy=1.0)(m)
   assert all(not isinstance(leaf, LowRank) for _, leaf in model_lib.weight_leaves(full.params))
+  said = capsys.readouterr().out
+  assert "stays dense" in said and said.count("\n") == len(
+      [p for p, _ in model_lib.weight_leaves(m.params)
+       if p.endswith("/kernel") and not p.startswith(("embedding", "head"))])
+
+
+def test_a_rank_that_would_not_shrink_a_layer_is_an_error():
+  with pytest.raises(ValueError, match=r"rank=30 does not shrink layer .*use rank < "):
+    lowrank.svd(rank=30)(_model())
 
 
 def test_data_aware_svd_is_better_on_the_calibration_inputs():

@@ -8,12 +8,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from helpers import TINY, noisy_model, synthetic_split
-from vitjax.models.inputs import preprocess
-from vitjax import data as data_lib
 from vitjax import export, leaves
 from vitjax import model as model_lib
 from vitjax.leaves import FakeQuantWeight, QuantizedWeight
 from vitjax.leaves.quantized import quantize_per_channel
+from vitjax.models.inputs import preprocess
 from vitjax.transforms import calibrate, chain, only
 from vitjax.transforms import quantize as q
 
@@ -297,7 +296,129 @@ def test_int4_values_survive_save_and_load_exactly(tmp_path):
   w = jnp.asarray(np.tile(np.arange(-7, 8, dtype=np.float32)[:, None], (1, 16)))
   leaf = QuantizedWeight(quantize_per_channel(w, 4), bits=4)
   assert set(np.unique(np.asarray(leaf.qt.qvalue).astype(int))) == set(range(-7, 8))
-  packed = export.pack_int4(np.asarray(leaf.qt.qvalue))
-  np.testing.assert_array_equal(export.unpack_int4(packed, w.shape).astype(np.int8),
-                                np.asarray(leaf.qt.qvalue).astype(np.int8))
-  assert export.unpack_int4(packed, w.shape).dtype == ml_dtypes.int4
+  m = _noisy_model()
+  params = dict(m.params)
+  params["head"] = {**params["head"], "kernel": QuantizedWeight(
+      quantize_per_channel(params["head"]["kernel"], 4), bits=4)}
+  # Every int4 value -7..7 sits in the head, through save_model to disk and back.
+  head = np.asarray(params["head"]["kernel"].qt.qvalue).astype(np.int8)
+  params["head"]["kernel"] = params["head"]["kernel"].replace(
+      qt=params["head"]["kernel"].qt.replace(
+          qvalue=jnp.asarray(np.resize(np.arange(-7, 8, dtype=np.int8), head.shape)
+                             .astype(ml_dtypes.int4))))
+  m = m.replace(params=params)
+  export.save_model(m, tmp_path / "m")
+  stored = _stored_arrays(tmp_path / "m")
+  assert "int4" not in stored and stored["uint8"].dtype == np.uint8  # packed on disk
+  back = export.load_model(tmp_path / "m")
+  got = back.params["head"]["kernel"].qt.qvalue
+  assert got.dtype == jnp.int4
+  np.testing.assert_array_equal(np.asarray(got).astype(np.int8),
+                                np.resize(np.arange(-7, 8, dtype=np.int8), head.shape))
+  np.testing.assert_array_equal(jax.jit(model_lib.apply)(back, _images()),
+                                jax.jit(model_lib.apply)(m, _images()))
+
+
+def test_weight_only_matmul_equals_x_times_the_dequantized_weight():
+  rng = np.random.default_rng(4)
+  w = jnp.asarray(rng.normal(size=(32, 16)).astype(np.float32))
+  x = rng.normal(size=(3, 5, 32)).astype(np.float32)
+  for bits in (8, 4):
+    leaf = QuantizedWeight(quantize_per_channel(w, bits), bits=bits, activations="float")
+    wq = np.asarray(leaf.qt.qvalue).astype(np.float32) * np.asarray(leaf.qt.scale[0])
+    got = np.asarray(jax.jit(leaves.matmul)(jnp.asarray(x), leaf))
+    np.testing.assert_allclose(got, x @ wq, rtol=1e-5, atol=1e-5)
+    assert np.abs(got - x @ np.asarray(w)).max() > 1e-4  # quantization really happened
+
+
+def test_convert_qat_without_activation_bits_is_weight_only_and_exact():
+  m = q.qat(4, None)(_noisy_model())
+  served = q.convert_qat()(m)
+  for path, leaf in model_lib.weight_leaves(served.params):
+    if path.endswith("/kernel"):
+      assert isinstance(leaf, QuantizedWeight) and leaf.activations == "float", path
+  x = np.asarray(_images())
+  np.testing.assert_allclose(jax.jit(model_lib.apply)(served, x),
+                             jax.jit(model_lib.apply)(m, x), rtol=1e-5, atol=1e-5)
+  # Each served layer computes x @ dequant(w) of the 4-bit per-channel weights.
+  kernel = dict(model_lib.weight_leaves(served.params))["head/kernel"]
+  qat_w = np.asarray(dict(model_lib.weight_leaves(m.params))["head/kernel"].w)
+  step = np.abs(qat_w).max(0) / 7.5
+  want = np.clip(np.round(qat_w / step), -7, 7) * step
+  np.testing.assert_allclose(np.asarray(kernel.dequantize()), want, rtol=1e-5, atol=1e-6)
+
+
+def test_asymmetric_static_calibration_sets_shift_and_scale_from_the_data():
+  m = _noisy_model()
+  calib = synthetic_split(48).images
+  static = q.static_int8(calib, symmetric=False, calibrator="minmax", progress=False)(m)
+  inputs = model_lib.linear_inputs(m, preprocess(jnp.asarray(calib), TINY))
+  x = np.asarray(_images())
+  for layer, xin in inputs.items():
+    xin = np.asarray(xin, np.float64)
+    lo, hi = xin.min(), xin.max()
+    leaf = dict(model_lib.weight_leaves(static.params))[layer + "/kernel"]
+    assert float(leaf.act_shift) == pytest.approx(-(lo + hi) / 2, rel=1e-5, abs=1e-6)
+    assert float(leaf.act_scale) == pytest.approx((hi - lo) / 2 / 127.5, rel=1e-4)
+  # The whole model against a NumPy integer reference of one layer's path.
+  layer = "Transformer/encoderblock_0/MlpBlock_3/Dense_1"
+  leaf = dict(model_lib.weight_leaves(static.params))[layer + "/kernel"]
+  xin = np.asarray(model_lib.linear_inputs(m, preprocess(jnp.asarray(x), TINY))[layer])
+  s, shift = np.float32(leaf.act_scale), np.float32(leaf.act_shift)
+  xq = np.clip(np.round((xin + shift) / s), -127, 127).astype(np.int32)
+  wq = np.asarray(leaf.qt.qvalue).astype(np.int32)
+  sw = np.asarray(leaf.qt.scale[0])
+  want = (xq.reshape(-1, xq.shape[-1]) @ wq).astype(np.float32) * s * sw - \
+      shift * (wq.sum(0) * sw[0])
+  got = np.asarray(jax.jit(leaves.matmul)(jnp.asarray(xin), leaf)).reshape(want.shape)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_collect_then_calibrators_match_numpy_end_to_end():
+  """The jitted `collect` over batches, then each calibrator, against NumPy on
+  the same activations."""
+  m = _noisy_model(1)
+  calib = synthetic_split(80, seed=3).images
+  layer = "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query"
+  stats = calibrate.collect(m, calib, [layer], symmetric=True, batch_size=32,
+                            progress=False)[layer]
+  xin = np.asarray(model_lib.linear_inputs(m, preprocess(jnp.asarray(calib), TINY))[layer],
+                   np.float64).reshape(-1)
+  mags = np.abs(xin)
+  assert stats.lo == pytest.approx(xin.min(), rel=1e-5)
+  assert stats.hi == pytest.approx(xin.max(), rel=1e-5)
+  assert stats.hist.hi == pytest.approx(mags.max(), rel=1e-5)
+  want_counts, _ = np.histogram(mags, bins=calibrate.BINS, range=(0, stats.hist.hi))
+  # Values on a bin edge may fall either side in float32 vs float64.
+  assert np.abs(stats.hist.counts - want_counts).sum() <= 0.002 * len(mags)
+  width = stats.hist.hi / calibrate.BINS
+  assert calibrate.choose_bound(stats.hist, "minmax") == pytest.approx(mags.max(), rel=1e-5)
+  bound = calibrate.choose_bound(stats.hist, "percentile", percentile=99.0)
+  assert abs(bound - np.percentile(mags, 99.0)) <= 2 * width
+  # MSE: the chosen bound's real 8-bit error on these activations is within 2%
+  # of the best bound on a fine grid.
+  def error(c):
+    step = c / calibrate.quant_bound(8)
+    return np.mean((np.clip(np.round(xin / step), -127, 127) * step - xin) ** 2)
+  grid = np.linspace(mags.max() / 16, mags.max(), 400)
+  best = min(error(c) for c in grid)
+  assert error(calibrate.choose_bound(stats.hist, "mse", bits=8)) <= 1.02 * best + 1e-12
+
+
+def test_selections_that_compress_nothing_are_errors():
+  m = _noisy_model()
+  with pytest.raises(ValueError, match="select no layer together"):
+    only("head", q.weight_only(8), exclude="head")(m)
+  with pytest.raises(ValueError, match="select no layer together"):
+    only("embedding", q.weight_only(8, layers=r".*/MlpBlock_3/.*"))(m)
+  with pytest.raises(ValueError, match="matches no linear layer"):
+    only(".*", q.weight_only(8), exclude="nothing_like_this")(m)
+
+
+def test_an_unknown_activation_mode_is_refused():
+  qt = quantize_per_channel(jnp.ones((4, 4)), 8)
+  with pytest.raises(ValueError, match=r"activations='sometimes'; choose one of \('float', "
+                                       r"'dynamic', 'static'\)"):
+    QuantizedWeight(qt, activations="sometimes")
+  with pytest.raises(ValueError, match="act_bits=9 is outside"):
+    QuantizedWeight(qt, activations="dynamic", act_bits=9)

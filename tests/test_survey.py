@@ -6,18 +6,45 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from vitjax import export, recipes, survey
+from helpers import MINI_STUDENT, MINI_TEACHER
+from vitjax import data, evaluate, export, recipes, survey
 from vitjax import model as model_lib
+
+
+def hand_flops(c) -> int:
+  """2 x the multiply-adds of one image through a plain-patch ViT/DeiT of config
+  `c`, by hand: patch embedding, per block q/k/v, q.k^T, probs.v, output and
+  MLP (at each block's kept widths), and the head(s)."""
+  tokens = c.num_patches + c.num_prefix_tokens
+  macs = c.num_patches * c.patch_size ** 2 * c.channels * c.dim
+  for i in range(c.depth):
+    width = c.heads(i) * c.head_dim
+    macs += 3 * tokens * c.dim * width + 2 * tokens * tokens * width
+    macs += tokens * width * c.dim + 2 * tokens * c.dim * c.mlp_width(i)
+  macs += c.dim * c.num_classes * (2 if c.distilled else 1)
+  return 2 * macs
+
+
+def test_hand_flops_of_the_miniature_teacher():
+  # 4 patches of 16 values -> 16; 5 tokens; 2 blocks; a 16 -> 4 head.
+  assert hand_flops(MINI_TEACHER) == 2 * (4 * 16 * 16 + 2 * (3 * 5 * 16 * 16 + 2 * 25 * 16 +
+                                                            5 * 16 * 16 + 2 * 5 * 16 * 32)
+                                          + 16 * 4)
 
 
 def test_survey_writes_every_method_with_consistent_figures(tmp_path):
   script = pathlib.Path(__file__).with_name("miniature_survey.py")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  done = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env,
+  out = tmp_path / "survey"
+  done = subprocess.run([sys.executable, str(script), str(out)], env=env,
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
+  assert "| student+int8 |" in done.stdout  # the CLI printed the table
+  tmp_path = out
+  test = data.load("npz", out.parent / "data").test.take(slice(0, 500))
   results = json.loads((tmp_path / "results.json").read_text())
   rows = results["rows"]
   assert set(rows) == {"teacher"} | {m.name for m in survey.METHODS}
@@ -32,8 +59,26 @@ def test_survey_writes_every_method_with_consistent_figures(tmp_path):
     assert row["size_ratio"] == pytest.approx(row["disk_bytes"] / teacher_disk)
     assert row["params"] == model_lib.param_count(model), name
     assert row["flops"] == model_lib.flops_per_image(model), name
-    assert 0 <= row["accuracy"] <= 100
+    # Each row's accuracy is its own saved model's, measured again here.
+    assert row["accuracy"] == pytest.approx(evaluate.accuracy(model, test) * 100, abs=1e-6), name
     assert row["throughput_ratio"] > 0 and row["speedup"] > 0
+  # Sizes and FLOPs against figures not derived by the functions under test.
+  for name in ("teacher", "student", "structured", "dynamic-int8", "prune-50%"):
+    cfg = export.load_model(tmp_path / name / recipes.MODEL_DIR).config
+    assert rows[name]["flops"] == hand_flops(cfg), name
+  assert rows["student"]["flops"] == hand_flops(MINI_STUDENT)
+  files = [p for p in (tmp_path / "teacher" / recipes.MODEL_DIR).rglob("*") if p.is_file()]
+  assert rows["teacher"]["disk_bytes"] == sum(os.path.getsize(p) for p in files)
+  # Weights of an int8 model take a quarter of float32; int4 an eighth.
+  n_teacher = rows["teacher"]["params"]
+  assert n_teacher == sum(int(np.prod(s)) for s in (
+      (16, 16), (16,), (1, 1, 16), (1, 5, 16), (16,), (16,), (4,), (16, 4))) + 2 * (
+          4 * 16 + 4 * (16 * 16 + 16) + (16 * 32 + 32) + (32 * 16 + 16))
+  # Accuracy of every compressed model against its own source: quantizing or
+  # pruning this learnable task lightly keeps it within a few points.
+  for name, source in (("dynamic-int8", "teacher"), ("static-int8", "teacher"),
+                       ("prune-50%+int8", "prune-50%"), ("student+int8", "student")):
+    assert abs(rows[name]["accuracy"] - rows[source]["accuracy"]) < 8, name
   # The direction the survey reports, which no wrong size accounting would give:
   assert rows["weight-int4"]["size_ratio"] < rows["dynamic-int8"]["size_ratio"]
   assert rows["student"]["flops"] < rows["teacher"]["flops"] / 2

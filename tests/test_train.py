@@ -110,8 +110,10 @@ def test_kill_and_resume_gives_identical_params(tmp_path, ema_decay, patch_dropo
   for a, b in zip(_leaves(straight), _leaves(resumed)):
     np.testing.assert_array_equal(a, b)
   # A finished run returns its final state without training again.
-  again = train.fit(model_lib.init(TINY, 1), split, cfg, workdir=tmp_path,
-                    progress=False, mesh=mesh)
+  steps_seen.clear()
+  again = train.fit(model_lib.init(TINY, 0), split, cfg, workdir=tmp_path,
+                    progress=False, mesh=mesh, on_step=lambda s, m: steps_seen.append(s))
+  assert steps_seen == []
   for a, b in zip(_leaves(straight), _leaves(again)):
     np.testing.assert_array_equal(a, b)
 
@@ -126,6 +128,25 @@ def test_workdir_of_another_run_is_refused(tmp_path):
     train.fit(model_lib.init(TINY, 0), split,
               train.TrainConfig(steps=3, batch_size=16, warmup_steps=0),
               workdir=tmp_path, progress=False, mesh=mesh)
+  # Same settings, but other initial weights, other data or other caller
+  # settings: each is a different run too.
+  for kwargs, field in ((dict(model=model_lib.init(TINY, 1)), "initial_weights"),
+                        (dict(split=synthetic_split(64, seed=5)), "data"),
+                        (dict(aux={"teacher": np.ones(3)}), "aux"),
+                        (dict(run_info={"sparsity": 0.9}), "run_info")):
+    args = dict(model=model_lib.init(TINY, 0), split=split)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=f"different run \\({field}: saved"):
+      train.fit(args.pop("model"), args.pop("split"), cfg, workdir=tmp_path, progress=False,
+                mesh=mesh, **args)
+
+
+def test_recipes_refuse_presets_without_one():
+  with pytest.raises(ValueError, match=r"preset 'ti16-student' has no teacher recipe; the "
+                                       r"presets with one are \['b16', 's16', 'tiny'\]"):
+    recipes.teacher_recipe("ti16-student")
+  with pytest.raises(ValueError, match="preset 'tiny' has no distillation recipe"):
+    recipes.student_recipe("tiny")
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -78,6 +78,13 @@ def test_deit_tokens_and_two_heads():
   cls_logits, dist_logits = model_lib.apply(m, images, heads="both")
   np.testing.assert_allclose(model_lib.apply(m, images), (cls_logits + dist_logits) / 2,
                              rtol=1e-6)
+  with pytest.raises(ValueError, match="heads must be 'mean' or 'both', got 'cls'"):
+    model_lib.apply(m, images, heads="cls")
+  plain = model_lib.init(cfg.replace(distilled=False), 0)
+  with pytest.raises(ValueError, match="heads='both' needs a DeiT"):
+    model_lib.apply(plain, images, heads="both")
+  with pytest.raises(ValueError, match="heads must be 'mean' or 'both'"):
+    model_lib.apply(plain, images, heads="dist")
   # The class head reads token 0, the distillation head token 1 of the final norm.
   _, inter = model_lib.apply_with_intermediates(m, images)
   last = inter["features"][-1]

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import shutil
 import sys
 import time
 from typing import Callable, Sequence
@@ -21,6 +22,38 @@ from vitjax.transforms import calibrate, lowrank, prune, quantize, structured
 Command = Callable[[argparse.Namespace], int]
 
 
+def _number(kind: type, lo: float | None = None, hi: float | None = None, *,
+            lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:
+  """An argparse type: a `kind` number within [lo, hi] (open ends where said)."""
+  left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+  allowed = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+
+  def parse(text: str) -> float:
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not a{'n int' if kind is int else ' number'}")
+    if value != value or (lo is not None and (value < lo or (lo_open and value == lo))) or \
+        (hi is not None and (value > hi or (hi_open and value == hi))):
+      raise argparse.ArgumentTypeError(f"{text} is outside {allowed}")
+    return value
+  return parse
+
+
+POSITIVE_INT = _number(int, 1)
+COUNT = _number(int, 0)
+POSITIVE = _number(float, 0, lo_open=True)
+WEIGHT = _number(float, 0)
+FRACTION_OPEN_TOP = _number(float, 0, 1, hi_open=True)      # [0, 1)
+FRACTION_KEPT = _number(float, 0, 1, lo_open=True)          # (0, 1]
+FRACTION_OPEN = _number(float, 0, 1, lo_open=True, hi_open=True)  # (0, 1)
+
+# Arguments that say where a run goes or how processes meet, not what it computes.
+NOT_RUN_SETTINGS = ("func", "out", "overwrite", "coordinator", "num_processes", "process_id")
+RUN_ENTRIES = {recipes.MODEL_DIR, recipes.TRAIN_DIR, "baseline", "teacher_cache.npz",
+               "curves.png", export.META_FILE, export.ARRAYS_DIR}
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "npz"],
                  help="fashion_mnist (local files, never downloaded) or npz "
@@ -28,21 +61,50 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data-dir", default=None,
                  help=f"where the dataset lies (default: ${data_lib.ENV_DIR}, the "
                       "user cache, then /usr/share/datasets/fashion-mnist)")
+  p.add_argument("--num-classes", type=POSITIVE_INT, default=None,
+                 help="class count (default: the largest training label + 1, refused "
+                      "when some class below it has no example)")
 
 
 def _add_compress_args(p: argparse.ArgumentParser, exclude: Sequence[str],
                        default_out: str) -> None:
   p.add_argument("--exclude", nargs="*", default=exclude,
                  help="regex patterns of layers left as they are")
-  p.add_argument("--finetune-steps", type=int, default=400)
-  p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate")
+  p.add_argument("--finetune-steps", type=COUNT, default=400)
+  p.add_argument("--lr", type=POSITIVE, default=3e-4, help="fine-tuning learning rate")
   p.add_argument("--out", default=None, help=f"run directory (default {default_out})")
-  p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--overwrite", action="store_true",
+                 help="delete an earlier run in --out (its model and resumable state) first")
   _add_data_args(p)
 
 
 def _load_data(args: argparse.Namespace) -> data_lib.Dataset:
-  return data_lib.load(args.dataset, args.data_dir)
+  return data_lib.load(args.dataset, args.data_dir, num_classes=args.num_classes)
+
+
+def start_run(out: pathlib.Path, overwrite: bool, model_dir: pathlib.Path) -> None:
+  """Checks a run directory before any work: with `overwrite`, an earlier run
+  there is deleted (its model and its resumable state alike), so nothing stale
+  is resumed; without it, a finished model there is an error.
+
+  Raises:
+    FileExistsError: `model_dir` holds a finished model and not `overwrite`.
+    CheckpointError: `out` cannot be written, or holds files that are not a
+      vitjax run's (never deleted).
+  """
+  export.check_output_path(model_dir, overwrite=True)
+  if not overwrite:
+    if model_dir.exists():
+      raise FileExistsError(f"{model_dir} holds a finished model; pass --overwrite to "
+                            "start over, or another --out")
+    return
+  if out.is_dir():
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES)
+    if foreign:
+      raise export.CheckpointError(
+          f"--overwrite would delete {out}, which holds {foreign[:5]} besides a vitjax "
+          "run; choose another --out")
+    shutil.rmtree(out)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -56,8 +118,11 @@ def cmd_train(args: argparse.Namespace) -> int:
       seed=args.seed, fsdp=args.fsdp)
   run_dir = pathlib.Path(args.out)
   model_dir = run_dir / recipes.MODEL_DIR
+  if args.overwrite or not model_dir.exists():
+    start_run(run_dir, args.overwrite, model_dir)
   if (model_dir / export.META_FILE).exists():
-    print(f"reusing the finished run in {run_dir} (delete it to train again)")
+    print(f"reusing the finished run in {run_dir}, trained with these settings "
+          "(--overwrite trains again)")
   else:
     print(f"training {args.preset} ViT ({config.depth} blocks, dim {config.dim}, patch "
           f"{config.patch_size}) on {len(images)} images for {cfg.steps} steps of "
@@ -123,10 +188,11 @@ def _load_source(args: argparse.Namespace):
 
 def cmd_quantize(args: argparse.Namespace) -> int:
   model_dir, model, dataset = _load_source(args)
+  out = pathlib.Path(args.out or f"{model_dir.parent}-{args.method}")
+  export.check_output_path(out, args.overwrite)
   transform = quantizer(args.method, dataset, calib=args.calib,
                         calibrator=args.calibrator, exclude=args.exclude)
   quantized = transform(model)
-  out = pathlib.Path(args.out or f"{model_dir.parent}-{args.method}")
   disk = export.save_model(quantized, out, overwrite=args.overwrite,
                            metadata={"transform": args.method, "source": str(model_dir)})
   print(f"wrote {out}")
@@ -135,13 +201,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
   return 0
 
 
-def _finetune(model, dataset: data_lib.Dataset, steps: int, lr: float, out: pathlib.Path,
+def _finetune(model, dataset: data_lib.Dataset, args: argparse.Namespace, out: pathlib.Path,
               post_update=None, desc: str = "fine-tune"):
-  """`steps` of fine-tuning that keeps the model's constraints (masks, factors)."""
-  if steps <= 0:
+  """`--finetune-steps` of fine-tuning that keeps the model's constraints
+  (masks, factors); a resume must match every setting in `args`."""
+  if args.finetune_steps == 0:
     return model
-  return recipes.finetune(model, dataset.train, steps, out / recipes.TRAIN_DIR,
-                          learning_rate=lr, post_update=post_update, name=desc)
+  return recipes.finetune(model, dataset.train, args.finetune_steps, out / recipes.TRAIN_DIR,
+                          learning_rate=args.lr, post_update=post_update, name=desc,
+                          run_info=vars_json(args))
 
 
 def _save_and_compare(source_dir: pathlib.Path, source, result, name: str,
@@ -156,6 +224,8 @@ def _save_and_compare(source_dir: pathlib.Path, source, result, name: str,
 
 def cmd_prune(args: argparse.Namespace) -> int:
   model_dir, model, dataset = _load_source(args)
+  out = pathlib.Path(args.out or f"{model_dir.parent}-prune-{args.method}")
+  start_run(out, args.overwrite, out / recipes.MODEL_DIR)
   hook = None
   if args.method == "structured":
     transform = structured.heads_and_neurons(
@@ -164,18 +234,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
   elif args.method == "nm":
     transform = prune.n_m(args.n, args.m, exclude=args.exclude)
   elif args.gradual:
+    if args.finetune_steps < 2:
+      raise ValueError("--gradual needs --finetune-steps >= 2 to raise the sparsity over")
     transform = prune.magnitude(0.0, exclude=args.exclude)
     end = max(1, int(args.finetune_steps * 0.75))
     hook = prune.gradual(args.sparsity, 0, end, every=max(1, end // 20),
                          scope="global" if args.method == "global" else "layer")
-    if args.finetune_steps < 2:
-      raise ValueError("--gradual needs --finetune-steps >= 2 to raise the sparsity over")
   else:
     transform = prune.magnitude(args.sparsity, exclude=args.exclude,
                                 scope="global" if args.method == "global" else "layer")
-  out = pathlib.Path(args.out or f"{model_dir.parent}-prune-{args.method}")
-  pruned = _finetune(transform(model), dataset, args.finetune_steps, args.lr, out,
-                     post_update=hook, desc=f"prune-{args.method}")
+  pruned = _finetune(transform(model), dataset, args, out, post_update=hook,
+                     desc=f"prune-{args.method}")
   for layer, sparsity in prune.sparsity_report(pruned).items():
     print(f"  {layer}: {sparsity * 100:.1f}% pruned")
   _save_and_compare(model_dir, model, pruned, f"prune-{args.method}", out, dataset,
@@ -185,13 +254,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_lowrank(args: argparse.Namespace) -> int:
   model_dir, model, dataset = _load_source(args)
+  out = pathlib.Path(args.out or f"{model_dir.parent}-lowrank")
+  start_run(out, args.overwrite, out / recipes.MODEL_DIR)
   transform = lowrank.svd(
       rank=args.rank, energy=args.energy, param_budget=args.budget,
       calibration=dataset.calibration.images if args.data_aware else None,
       exclude=args.exclude)
-  out = pathlib.Path(args.out or f"{model_dir.parent}-lowrank")
-  factored = _finetune(transform(model), dataset, args.finetune_steps, args.lr, out,
-                       desc="lowrank")
+  factored = _finetune(transform(model), dataset, args, out, desc="lowrank")
   _save_and_compare(model_dir, model, factored, "lowrank", out, dataset, args.overwrite,
                     {"transform": vars_json(args), "source": str(model_dir)})
   return 0
@@ -200,6 +269,9 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
   if args.coordinator or args.num_processes:
     sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  out = pathlib.Path(args.out)
+  if jax.process_index() == 0:
+    start_run(out, args.overwrite, out / recipes.MODEL_DIR)
   teacher_dir = recipes.model_dir_of(args.teacher)
   teacher = export.load_model(teacher_dir)
   dataset = _load_data(args)
@@ -214,7 +286,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
                                       epochs=args.epochs, steps=args.steps,
                                       batch_size=args.batch_size, learning_rate=args.lr,
                                       patch_dropout=args.patch_dropout, seed=args.seed)
-  out = pathlib.Path(args.out)
   cache = None
   if args.offline:
     cache = distill.cached_teacher(teacher, images, tcfg, out / "teacher_cache.npz",
@@ -266,8 +337,10 @@ def cmd_survey(args: argparse.Namespace) -> int:
 
 
 def vars_json(args: argparse.Namespace) -> dict:
-  """The parsed arguments as JSON-ready metadata."""
-  return {k: v for k, v in vars(args).items() if k != "func"}
+  """The parsed arguments that shape a run's result, as JSON-ready metadata
+  (not where it is written, nor how processes meet)."""
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
+          if k not in NOT_RUN_SETTINGS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,14 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("train", help="train a ViT (the teacher) and report it")
   p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-  p.add_argument("--epochs", type=float, default=None, help="default: the preset's recipe")
-  p.add_argument("--steps", type=int, default=None, help="overrides --epochs")
-  p.add_argument("--batch-size", type=int, default=None)
-  p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-  p.add_argument("--patch-dropout", type=float, default=None,
+  p.add_argument("--epochs", type=POSITIVE, default=None, help="default: the preset's recipe")
+  p.add_argument("--steps", type=POSITIVE_INT, default=None, help="overrides --epochs")
+  p.add_argument("--batch-size", type=POSITIVE_INT, default=None)
+  p.add_argument("--lr", type=POSITIVE, default=None, help="peak learning rate")
+  p.add_argument("--patch-dropout", type=FRACTION_OPEN_TOP, default=None,
                  help="fraction of patch tokens each training image drops, in [0, 1) "
                       "(default: the preset's recipe)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=COUNT, default=0)
   p.add_argument("--fsdp", action="store_true", help="shard params over devices")
   p.add_argument("--hold-out-validation", action="store_true",
                  help="train on the training split only (the tiny recipe also trains on "
@@ -292,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "seen images)")
   p.add_argument("--out", default="checkpoints/teacher",
                  help="run directory: model/ and resumable train/ state")
+  p.add_argument("--overwrite", action="store_true",
+                 help="delete an earlier run in --out (finished or not) and train anew")
   _add_data_args(p)
   p.set_defaults(func=cmd_train)
 
@@ -306,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("quantize", help="quantize a saved model with AQT and compare it")
   p.add_argument("checkpoint", help="a run directory or its model/ directory")
   p.add_argument("--method", required=True, choices=QUANT_METHODS)
-  p.add_argument("--calib", type=int, default=1024,
+  p.add_argument("--calib", type=POSITIVE_INT, default=1024,
                  help="calibration images for static-int8 (from the training split)")
   p.add_argument("--calibrator", default="percentile", choices=calibrate.CALIBRATORS)
   p.add_argument("--exclude", nargs="*", default=(),
@@ -321,13 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--method", required=True, choices=["magnitude", "global", "nm", "structured"],
                  help="magnitude: per layer; global: one threshold; nm: N:M; structured: "
                       "remove heads and MLP neurons")
-  p.add_argument("--sparsity", type=float, default=0.5, help="magnitude/global, in [0, 1)")
+  p.add_argument("--sparsity", type=FRACTION_OPEN_TOP, default=0.5, help="magnitude/global, in [0, 1)")
   p.add_argument("--gradual", action="store_true",
                  help="raise the sparsity along a cubic schedule during fine-tuning")
-  p.add_argument("--n", type=int, default=2)
-  p.add_argument("--m", type=int, default=4)
-  p.add_argument("--head-keep", type=float, default=0.75, help="structured: fraction kept")
-  p.add_argument("--mlp-keep", type=float, default=0.5, help="structured: fraction kept")
+  p.add_argument("--n", type=POSITIVE_INT, default=2)
+  p.add_argument("--m", type=POSITIVE_INT, default=4)
+  p.add_argument("--head-keep", type=FRACTION_KEPT, default=0.75, help="structured: fraction kept")
+  p.add_argument("--mlp-keep", type=FRACTION_KEPT, default=0.5, help="structured: fraction kept")
   p.add_argument("--score", default="l2", choices=structured.SCORES)
   _add_compress_args(p, ("embedding", "head"), "<source>-prune-<method>")
   p.set_defaults(func=cmd_prune)
@@ -335,9 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("lowrank", help="factorize a saved model by SVD, fine-tune, compare")
   p.add_argument("checkpoint", help="a run directory or its model/ directory")
   group = p.add_mutually_exclusive_group(required=True)
-  group.add_argument("--rank", type=int)
-  group.add_argument("--energy", type=float, help="fraction of spectral energy kept")
-  group.add_argument("--budget", type=float, help="fraction of linear parameters kept")
+  group.add_argument("--rank", type=POSITIVE_INT)
+  group.add_argument("--energy", type=FRACTION_KEPT, help="fraction of spectral energy kept")
+  group.add_argument("--budget", type=FRACTION_OPEN, help="fraction of linear parameters kept")
   p.add_argument("--data-aware", action="store_true",
                  help="whiten by calibration activations before the SVD")
   _add_compress_args(p, ("embedding", "head(_dist)?"), "<source>-lowrank")
@@ -346,32 +421,32 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("distill", help="distill a student from a saved teacher")
   p.add_argument("--teacher", required=True, help="the teacher's run or model directory")
   p.add_argument("--student-preset", default="tiny-student", choices=sorted(PRESETS))
-  p.add_argument("--hard", type=float, default=0.5, help="weight of DeiT hard-label loss")
-  p.add_argument("--soft", type=float, default=0.0, help="weight of soft KL (use with --T)")
-  p.add_argument("--T", type=float, default=1.0, help="temperature of the soft loss")
-  p.add_argument("--ce", type=float, default=0.5, help="weight of the true-label loss")
-  p.add_argument("--feature", type=float, default=0.0, help="weight of feature MSE")
-  p.add_argument("--attention", type=float, default=0.0, help="weight of attention KL")
-  p.add_argument("--offline", type=int, default=0, metavar="K",
+  p.add_argument("--hard", type=WEIGHT, default=0.5, help="weight of DeiT hard-label loss")
+  p.add_argument("--soft", type=WEIGHT, default=0.0, help="weight of soft KL (use with --T)")
+  p.add_argument("--T", type=POSITIVE, default=1.0, help="temperature of the soft loss")
+  p.add_argument("--ce", type=WEIGHT, default=0.5, help="weight of the true-label loss")
+  p.add_argument("--feature", type=WEIGHT, default=0.0, help="weight of feature MSE")
+  p.add_argument("--attention", type=WEIGHT, default=0.0, help="weight of attention KL")
+  p.add_argument("--offline", type=COUNT, default=0, metavar="K",
                  help="cache the teacher's top-K logits once and train from the cache")
   p.add_argument("--baseline", action="store_true",
                  help="also train the same student without a teacher, same steps")
-  p.add_argument("--epochs", type=float, default=None)
-  p.add_argument("--steps", type=int, default=None)
-  p.add_argument("--batch-size", type=int, default=None)
-  p.add_argument("--lr", type=float, default=None)
-  p.add_argument("--patch-dropout", type=float, default=None,
+  p.add_argument("--epochs", type=POSITIVE, default=None)
+  p.add_argument("--steps", type=POSITIVE_INT, default=None)
+  p.add_argument("--batch-size", type=POSITIVE_INT, default=None)
+  p.add_argument("--lr", type=POSITIVE, default=None)
+  p.add_argument("--patch-dropout", type=FRACTION_OPEN_TOP, default=None,
                  help="fraction of the student's patch tokens each training image drops, "
                       "in [0, 1) (default: the recipe's)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=COUNT, default=0)
   p.add_argument("--hold-out-validation", action="store_true",
                  help="distill on the training split only (the tiny-student recipe also "
                       "uses the validation images)")
   p.add_argument("--out", default="checkpoints/student")
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--coordinator", default=None, help="multi-process: host:port of process 0")
-  p.add_argument("--num-processes", type=int, default=None)
-  p.add_argument("--process-id", type=int, default=None)
+  p.add_argument("--num-processes", type=POSITIVE_INT, default=None)
+  p.add_argument("--process-id", type=COUNT, default=None)
   _add_data_args(p)
   p.set_defaults(func=cmd_distill)
 
@@ -381,9 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="smoke run with a few steps per stage (checks the plumbing)")
   p.add_argument("--teacher", default=None,
                  help="run directory of a trained teacher (default <out>/teacher)")
-  p.add_argument("--finetune-steps", type=int, default=None)
-  p.add_argument("--student-epochs", type=float, default=None)
-  p.add_argument("--teacher-epochs", type=float, default=None)
+  p.add_argument("--finetune-steps", type=COUNT, default=None)
+  p.add_argument("--student-epochs", type=POSITIVE, default=None)
+  p.add_argument("--teacher-epochs", type=POSITIVE, default=None)
   p.add_argument("--out", default=None,
                  help="default checkpoints/survey (checkpoints/survey-quick with --quick)")
   _add_data_args(p)

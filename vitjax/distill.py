@@ -19,7 +19,6 @@ runs in the same jit, under `stop_gradient`) or an offline `TeacherCache`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import pathlib
 from typing import Any
@@ -268,16 +267,6 @@ def objective(cfg: DistillConfig, teacher_config: ViTConfig):
 # ------------------------------------------------------------ offline cache
 
 
-def fingerprint(*trees: Any) -> str:
-  """SHA-256 over the bytes, shapes and dtypes of every array in `trees`."""
-  digest = hashlib.sha256()
-  for leaf in jax.tree_util.tree_leaves(trees):
-    arr = np.asarray(leaf)
-    digest.update(f"{arr.dtype}{arr.shape}".encode())
-    digest.update(np.ascontiguousarray(arr).tobytes())
-  return digest.hexdigest()
-
-
 def cache_views(train_cfg: train_lib.TrainConfig) -> int:
   """Views per image an offline cache needs for `train_cfg`.
 
@@ -358,8 +347,8 @@ def cached_teacher(teacher: Model, split: data_lib.Split, train_cfg: train_lib.T
                    ) -> TeacherCache:
   """Loads the cache at `path` if it matches this teacher, data and augmentation,
   else computes it and writes it there."""
-  key = json.dumps({"teacher": fingerprint(teacher.params), "config": teacher.config.to_dict(),
-                    "data": fingerprint(split.images, split.labels), "k": k,
+  key = json.dumps({"teacher": train_lib.fingerprint(teacher.params), "config": teacher.config.to_dict(),
+                    "data": train_lib.fingerprint(split.images, split.labels), "k": k,
                     "views": cache_views(train_cfg), "seed": train_cfg.seed,
                     "crop_pad": train_cfg.crop_pad, "flip": train_cfg.flip}, sort_keys=True)
   cache = load_cache(path, key)

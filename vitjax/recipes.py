@@ -164,12 +164,13 @@ def finetune_config(n_train: int, steps: int, *, learning_rate: float = 3e-4,
 
 def finetune(model: Model, split: data_lib.Split, steps: int, workdir: str | pathlib.Path,
              *, learning_rate: float = 3e-4, post_update: train.PostUpdate | None = None,
-             name: str = "fine-tune", progress: bool = True) -> Model:
+             name: str = "fine-tune", progress: bool = True,
+             run_info: dict[str, Any] | None = None) -> Model:
   """`steps` of `finetune_config` training on `split`, resumable in `workdir`;
   the model's constraints (masks, factors, QAT) hold after every step."""
   cfg = finetune_config(len(split), steps, learning_rate=learning_rate)
   return train.fit(model, split, cfg, workdir=workdir, post_update=post_update,
-                   progress=progress, run_name=name, desc=name)
+                   progress=progress, run_name=name, desc=name, run_info=run_info)
 
 
 def train_teacher(run_dir: str | pathlib.Path, config: ViTConfig,
@@ -178,17 +179,29 @@ def train_teacher(run_dir: str | pathlib.Path, config: ViTConfig,
   """Returns the trained model of `run_dir`, training (or resuming) it on
   `images` if needed.
 
-  A finished `run_dir/model` is reused when its config matches `config`.
+  A finished `run_dir/model` is reused only when it was trained with the same
+  config, training settings, initial seed and images (recorded in its
+  metadata).
+
+  Raises:
+    ValueError: `run_dir` holds a model trained otherwise (the message names
+      what differs); delete the run or use another directory.
   """
   run_dir = pathlib.Path(run_dir)
   model_dir = run_dir / MODEL_DIR
+  recipe = {"train": cfg.to_dict(), "seed": seed,
+            "data": train.fingerprint(images.images, images.labels)}
   if (model_dir / export.META_FILE).exists():
+    saved = export.read_metadata(model_dir)["metadata"]
+    diffs = [k for k in recipe if saved.get(k) != recipe[k]]
+    if diffs:
+      raise ValueError(f"{model_dir} was trained with other {', '.join(diffs)} than this "
+                       "run asks for; delete it (CLI: --overwrite) or use another directory")
     return export.load_model(model_dir, expect_config=config)
   trained = train.fit(model_lib.init(config, seed), images, cfg,
                       workdir=run_dir / TRAIN_DIR, progress=progress,
                       run_name="teacher", desc="teacher")
-  export.save_model(trained, model_dir, metadata={"train": cfg.to_dict()},
-                    overwrite=True)
+  export.save_model(trained, model_dir, metadata=recipe, overwrite=True)
   return trained
 
 

@@ -14,6 +14,7 @@ because the batch and the random key of step s depend only on (seed, s).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import pathlib
@@ -341,6 +342,20 @@ def _constrained_params(partition: Partition, train_leaves: list, frozen: list,
 # ---------------------------------------------------------------- checkpoints
 
 
+def fingerprint(*trees: Any) -> str:
+  """SHA-256 over the structure (tree layout, leaf types and their static
+  fields) and the bytes, shapes and dtypes of every array in `trees`."""
+  digest = hashlib.sha256()
+  for tree in trees:
+    leaves_, treedef = jax.tree_util.tree_flatten(tree)
+    digest.update(str(treedef).encode())
+    for leaf in leaves_:
+      arr = np.asarray(leaf)
+      digest.update(f"{arr.dtype}{arr.shape}".encode())
+      digest.update(np.ascontiguousarray(arr).tobytes())
+  return digest.hexdigest()
+
+
 def _check_meta(workdir: pathlib.Path, meta: dict[str, Any]) -> None:
   path = workdir / META_FILE
   if path.exists():
@@ -350,7 +365,8 @@ def _check_meta(workdir: pathlib.Path, meta: dict[str, Any]) -> None:
     if diffs:
       raise ValueError(
           f"the training state in {workdir} was written for a different run ("
-          + "; ".join(diffs) + "); use a fresh workdir or the same settings")
+          + "; ".join(d[:300] for d in diffs) + "); use a fresh workdir (CLI: "
+          "--overwrite starts over) or the same settings, weights and data")
   else:
     workdir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -373,7 +389,8 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
         post_update: PostUpdate | None = None,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
         mesh: jax.sharding.Mesh | None = None, progress: bool = True,
-        run_name: str = "train", desc: str = "train") -> Model:
+        run_name: str = "train", desc: str = "train",
+        run_info: dict[str, Any] | None = None) -> Model:
   """Trains `model` for `cfg.steps` steps on `split`; returns the trained Model.
 
   Args:
@@ -392,6 +409,10 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
     mesh: defaults to a `data` mesh over all devices.
     progress: show a tqdm bar with loss, accuracy and images/s.
     run_name: recorded in the workdir metadata; a resume must match it.
+    run_info: JSON-ready settings that shaped the run but are not visible in
+      the arguments above (e.g. a `post_update` schedule's parameters);
+      recorded, and a resume must match them too. A resume must also start
+      from the same weights, `extra`, `aux` and data (by SHA-256).
 
   Raises:
     ValueError: bad shapes, a batch size the devices do not divide, or a
@@ -417,8 +438,13 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
   start = 0
   if workdir is not None:
     workdir = pathlib.Path(workdir)
+    # Everything that determines the result: a resume with other initial
+    # weights, teacher (aux), data or caller settings is refused.
     _check_meta(workdir, {"run": run_name, "model": model.config.to_dict(),
-                          "train": cfg.to_dict()})
+                          "train": cfg.to_dict(), "run_info": run_info or {},
+                          "initial_weights": fingerprint(model.params, extra),
+                          "aux": fingerprint(aux), "data": fingerprint(split.images,
+                                                                       split.labels)})
     manager = _manager(workdir, cfg)
     latest = manager.latest_step()
     if latest is not None:

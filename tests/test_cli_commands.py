@@ -1,0 +1,221 @@
+"""Every `vitjax` subcommand on a tiny synthetic npz dataset: the figures it
+prints are checked against the library's own calls on the model it saved, and
+re-runs never reuse stale state."""
+
+import json
+import pathlib
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from helpers import synthetic_split
+from vitjax import cli, data, evaluate, export, recipes
+from vitjax import model as model_lib
+from vitjax.models import config as config_lib
+from vitjax.transforms import prune
+
+SMALL_TINY = config_lib.PRESETS["tiny"].replace(dim=32, depth=1, mlp_dim=32, num_classes=4)
+SMALL_STUDENT = config_lib.PRESETS["tiny-student"].replace(dim=16, depth=1, mlp_dim=16,
+                                                           num_classes=4)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """An npz dataset, and a teacher trained on it through `vitjax train`."""
+  root = tmp_path_factory.mktemp("cli")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setitem(config_lib.PRESETS, "tiny", SMALL_TINY)
+    for name, n, seed in (("train.npz", 1200, 0), ("test.npz", 256, 1)):
+      split = synthetic_split(n, config_lib.PRESETS["tiny"], seed)
+      np.savez(root / name, images=split.images, labels=split.labels)
+    assert cli.main(["train", "--dataset", "npz", "--data-dir", str(root), "--steps", "60",
+                     "--batch-size", "64", "--out", str(root / "teacher")]) == 0
+  return root
+
+
+@pytest.fixture
+def presets(monkeypatch):
+  monkeypatch.setitem(config_lib.PRESETS, "tiny", SMALL_TINY)
+  monkeypatch.setitem(config_lib.PRESETS, "tiny-student", SMALL_STUDENT)
+
+
+def _data(world):
+  return ["--dataset", "npz", "--data-dir", str(world)]
+
+
+def _row(text: str, name: str) -> dict:
+  """The figures of one row of the comparison table a command prints."""
+  for line in text.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if cells[0] == name:
+      return {"top1": float(cells[1]), "params": int(cells[3].replace(",", "")),
+              "bytes": int(cells[4].replace(",", ""))}
+  raise AssertionError(f"no row {name!r} in:\n{text}")
+
+
+def _check_row(text: str, name: str, model_dir: pathlib.Path, world) -> model_lib.Model:
+  """The printed row of `name` equals what the library measures on the saved model."""
+  model = export.load_model(model_dir)
+  test = data.load("npz", world).test
+  row = _row(text, name)
+  assert row["top1"] == pytest.approx(evaluate.accuracy(model, test) * 100, abs=0.005)
+  assert row["params"] == model_lib.param_count(model)
+  assert row["bytes"] == sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+  return model
+
+
+def test_train_prints_what_eval_measures(world, capsys):
+  assert cli.main(["eval", str(world / "teacher"), "--json", *_data(world)]) == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  model = export.load_model(world / "teacher" / "model")
+  assert report["accuracy"] == pytest.approx(evaluate.accuracy(model, data.load("npz", world).test))
+  assert report["accuracy"] > 0.6  # the synthetic task is learnt: the figures are not vacuous
+
+
+@pytest.mark.parametrize("method", ["weight-int8", "static-int8"])
+def test_quantize_prints_the_saved_models_figures(world, tmp_path, capsys, method):
+  out = tmp_path / "q"
+  assert cli.main(["quantize", str(world / "teacher"), "--method", method, "--calib", "32",
+                   "--out", str(out), *_data(world)]) == 0
+  text = capsys.readouterr().out
+  model = _check_row(text, method, out, world)
+  assert _row(text, method)["bytes"] < 0.6 * _row(text, "fp32")["bytes"]
+  kinds = {type(leaf).__name__ for _, leaf in model_lib.weight_leaves(model.params)}
+  assert "QuantizedWeight" in kinds
+  # An existing output is refused before any work, and --overwrite replaces it.
+  assert cli.main(["quantize", str(world / "teacher"), "--method", method,
+                   "--out", str(out), *_data(world)]) == 2
+  assert "exists; pass overwrite=True (CLI: --overwrite)" in capsys.readouterr().err
+
+
+def test_prune_rerun_with_another_sparsity_never_resumes_the_old_run(world, tmp_path, capsys,
+                                                                      presets):
+  out = tmp_path / "p"
+  args = ["prune", str(world / "teacher"), "--method", "magnitude", "--finetune-steps", "3",
+          "--lr", "1e-4", "--out", str(out), *_data(world)]
+  assert cli.main(args + ["--sparsity", "0.5"]) == 0
+  text = capsys.readouterr().out
+  model = _check_row(text, "prune-magnitude", out / "model", world)
+  assert set(np.round(list(prune.sparsity_report(model).values()), 2)) == {0.5}
+  # Without --overwrite a finished run is not silently replaced ...
+  assert cli.main(args + ["--sparsity", "0.9"]) == 2
+  assert "holds a finished model; pass --overwrite" in capsys.readouterr().err
+  # ... an unfinished one with other settings is not resumed ...
+  shutil.rmtree(out / "model")
+  assert cli.main(args + ["--sparsity", "0.9"]) == 2
+  err = capsys.readouterr().err
+  assert "written for a different run" in err and "initial_weights" in err
+  # ... and --overwrite starts clean: the model is 90% sparse, as its metadata says.
+  assert cli.main(args + ["--sparsity", "0.9", "--overwrite"]) == 0
+  model = _check_row(capsys.readouterr().out, "prune-magnitude", out / "model", world)
+  assert set(np.round(list(prune.sparsity_report(model).values()), 2)) == {0.9}
+  assert export.read_metadata(out / "model")["metadata"]["transform"]["sparsity"] == 0.9
+
+
+def test_prune_structured_and_lowrank_print_the_saved_models_figures(world, tmp_path, capsys,
+                                                                     presets):
+  out = tmp_path / "s"
+  assert cli.main(["prune", str(world / "teacher"), "--method", "structured",
+                   "--head-keep", "0.5", "--mlp-keep", "0.5", "--finetune-steps", "2",
+                   "--out", str(out), *_data(world)]) == 0
+  model = _check_row(capsys.readouterr().out, "prune-structured", out / "model", world)
+  assert model.config.block_heads == (2,) and model.config.block_mlp_dims == (16,)
+  out = tmp_path / "l"
+  assert cli.main(["lowrank", str(world / "teacher"), "--rank", "4", "--finetune-steps", "0",
+                   "--out", str(out), *_data(world)]) == 0
+  model = _check_row(capsys.readouterr().out, "lowrank", out / "model", world)
+  kinds = [type(leaf).__name__ for _, leaf in model_lib.weight_leaves(model.params)]
+  assert "LowRank" in kinds
+  # A rank that would not shrink a layer is an error, not a silently dense layer.
+  assert cli.main(["lowrank", str(world / "teacher"), "--rank", "30", "--finetune-steps", "0",
+                   "--out", str(tmp_path / "l2"), *_data(world)]) == 2
+  assert "does not shrink layer" in capsys.readouterr().err
+
+
+def test_distill_prints_the_saved_students_figures(world, tmp_path, capsys, presets):
+  out = tmp_path / "d"
+  assert cli.main(["distill", "--teacher", str(world / "teacher"), "--steps", "4",
+                   "--batch-size", "32", "--offline", "4", "--out", str(out),
+                   *_data(world)]) == 0
+  text = capsys.readouterr().out
+  student = _check_row(text, "student (distilled)", out / "model", world)
+  assert student.config.distilled and student.config.dim == 16
+  teacher = export.load_model(world / "teacher" / "model")
+  assert (student.config.pixel_mean, student.config.pixel_std) == (
+      teacher.config.pixel_mean, teacher.config.pixel_std)
+  # Another teacher's weights are not resumed from this run's state.
+  shutil.rmtree(out / "model")
+  other = tmp_path / "other-teacher"
+  noisy = teacher.replace(params={**teacher.params, "cls": teacher.params["cls"] + 1.0})
+  export.save_model(noisy, other / "model")
+  assert cli.main(["distill", "--teacher", str(other), "--steps", "4", "--batch-size", "32",
+                   "--offline", "4", "--out", str(out), *_data(world)]) == 2
+  assert "written for a different run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--steps", "0"], "argument --steps: 0 is outside [1, inf]"),
+    (["train", "--lr", "-1"], "argument --lr: -1 is outside (0, inf]"),
+    (["train", "--patch-dropout", "1"], "argument --patch-dropout: 1 is outside [0, 1)"),
+    (["train", "--batch-size", "x"], "argument --batch-size: 'x' is not an int"),
+    (["prune", "c", "--method", "magnitude", "--sparsity", "1.5"], "outside [0, 1)"),
+    (["prune", "c", "--method", "structured", "--head-keep", "0"], "outside (0, 1]"),
+    (["lowrank", "c", "--budget", "1"], "argument --budget: 1 is outside (0, 1)"),
+    (["lowrank", "c", "--rank", "-2"], "argument --rank: -2 is outside [1, inf]"),
+    (["distill", "--teacher", "t", "--T", "0"], "argument --T: 0 is outside (0, inf]"),
+    (["distill", "--teacher", "t", "--hard", "-0.5"], "argument --hard: -0.5 is outside"),
+    (["quantize", "c", "--method", "static-int8", "--calib", "0"], "argument --calib: 0"),
+    (["survey", "--finetune-steps", "-1"], "argument --finetune-steps: -1 is outside"),
+    (["eval", "c", "--num-classes", "0"], "argument --num-classes: 0 is outside"),
+])
+def test_numeric_arguments_are_range_checked(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(argv)
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_unwritable_or_odd_out_paths_fail_before_any_work(world, tmp_path, capsys):
+  (tmp_path / "file").write_text("x")
+  for argv in (["quantize", str(world / "teacher"), "--method", "weight-int8"],
+               ["prune", str(world / "teacher"), "--method", "magnitude"],
+               ["lowrank", str(world / "teacher"), "--rank", "2"],
+               ["distill", "--teacher", str(world / "teacher")]):
+    assert cli.main(argv + ["--out", str(tmp_path / "file" / "run"), *_data(world)]) == 2
+    assert "which is a file" in capsys.readouterr().err, argv
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("keep me")
+  assert cli.main(["prune", str(world / "teacher"), "--method", "magnitude", "--overwrite",
+                   "--out", str(tmp_path / "mine"), *_data(world)]) == 2
+  assert "would delete" in capsys.readouterr().err
+  assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_stray_label_is_refused_and_num_classes_overrides(world, tmp_path, capsys, presets):
+  for name in ("train.npz", "test.npz"):
+    with np.load(world / name) as f:
+      images, labels = f["images"], f["labels"].copy()
+    if name == "train.npz":
+      labels[3] = 500
+    np.savez(tmp_path / name, images=images, labels=labels)
+  assert cli.main(["train", "--steps", "1", "--batch-size", "64", "--out",
+                   str(tmp_path / "r"), "--dataset", "npz", "--data-dir", str(tmp_path)]) == 2
+  assert "reach 500 but classes [4, 5, 6" in capsys.readouterr().err
+
+
+def test_train_reuses_a_finished_run_only_with_the_same_settings(world, tmp_path, capsys,
+                                                                 presets):
+  run = tmp_path / "t"
+  base = ["train", "--batch-size", "64", "--out", str(run), *_data(world)]
+  assert cli.main(base + ["--steps", "2"]) == 0
+  capsys.readouterr()
+  assert cli.main(base + ["--steps", "2"]) == 0
+  assert "reusing the finished run" in capsys.readouterr().out
+  assert cli.main(base + ["--steps", "3"]) == 2
+  assert "trained with other train" in capsys.readouterr().err
+  assert cli.main(base + ["--steps", "3", "--overwrite"]) == 0
+  saved = export.read_metadata(run / recipes.MODEL_DIR)["metadata"]
+  assert saved["train"]["steps"] == 3
+  assert re.search(r"on \d+ images for 3 steps", capsys.readouterr().out)
