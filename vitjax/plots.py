@@ -8,6 +8,7 @@ from typing import Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
 
@@ -62,31 +63,51 @@ def pareto_front(points: Sequence[tuple[float, float]], lower_x_better: bool = T
   return front
 
 
+FAMILY_COLORS = {"reference": "black", "quantization": "tab:blue", "low-rank": "tab:green",
+                 "pruning": "tab:orange", "distillation": "tab:purple",
+                 "combination": "tab:red"}
+
+
 def pareto(rows: dict[str, dict[str, float]], path: str | pathlib.Path,
            title: str) -> pathlib.Path:
-  """Two panels: size ratio vs top-1 and speedup vs top-1, fronts highlighted.
+  """Two panels: size ratio vs top-1 and throughput ratio vs top-1.
 
-  `rows[name]` needs "size_ratio", "throughput_ratio" and "accuracy" (in %).
+  Points are coloured by family (legend); the Pareto front of each panel is
+  drawn as a line and only its points are labelled, placed by adjustText so
+  that labels do not overlap. `rows[name]` needs "size_ratio",
+  "throughput_ratio", "accuracy" (in %) and may give "family".
   """
+  from adjustText import adjust_text  # noqa: PLC0415 (matplotlib-only helper)
+
   names = list(rows)
   acc = [rows[n]["accuracy"] for n in names]
-  fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+  families = [rows[n].get("family", "reference") for n in names]
+  fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
   for ax, key, lower, label in (
       (axes[0], "size_ratio", True, "checkpoint bytes / teacher (log)"),
       (axes[1], "throughput_ratio", False, "throughput / teacher (batch 256, log)")):
     xs = [rows[n][key] for n in names]
     front = set(pareto_front(list(zip(xs, acc)), lower_x_better=lower))
-    for i, name in enumerate(names):
-      on = i in front
-      ax.scatter(xs[i], acc[i], s=60 if on else 30, color="tab:red" if on else "tab:blue",
-                 zorder=3, edgecolor="black" if on else "none")
-      ax.annotate(name, (xs[i], acc[i]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    for family in dict.fromkeys(families):
+      idx = [i for i, f in enumerate(families) if f == family]
+      ax.scatter([xs[i] for i in idx], [acc[i] for i in idx], s=40, zorder=3,
+                 color=FAMILY_COLORS.get(family, "tab:gray"), label=family)
     order = sorted(front, key=lambda i: xs[i])
-    ax.plot([xs[i] for i in order], [acc[i] for i in order], color="tab:red", alpha=0.5,
-            label="Pareto front")
+    ax.plot([xs[i] for i in order], [acc[i] for i in order], color="0.3", alpha=0.6,
+            linestyle="--", zorder=2, label="Pareto front")
+    ax.scatter([xs[i] for i in order], [acc[i] for i in order], s=110, facecolor="none",
+               edgecolor="black", zorder=4)
+    texts = [ax.text(xs[i], acc[i], names[i], fontsize=8) for i in order]
     ax.set_xscale("log")
+    ratio = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x")
+    ax.xaxis.set_major_formatter(ratio)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 3.0, 5.0)))
+    ax.xaxis.set_minor_formatter(ratio)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel(label)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-  return _save(fig, title, path)
+    adjust_text(texts, x=xs, y=acc, ax=ax, expand=(1.3, 1.6),
+                arrowprops=dict(arrowstyle="-", color="0.5", lw=0.6))
+  axes[0].legend(fontsize=8, loc="lower right")
+  return _save(fig, title + "\n(circled and labelled: the Pareto front of each panel)", path)

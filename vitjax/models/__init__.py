@@ -1,4 +1,4 @@
-"""ViT / DeiT definitions, presets and weight converters."""
+"""ViT / DeiT definitions, their config and presets, and input preprocessing."""
 
 from vitjax.models.config import PRESETS, ViTConfig, preset
 from vitjax.models.vit import VisionTransformer

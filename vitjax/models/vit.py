@@ -2,7 +2,8 @@
 
 Parameter names follow big_vision's `vit.py` (`embedding`, `cls`, `dist`,
 `pos_embedding`, `Transformer/encoderblock_{i}`, `encoder_norm`, `head`,
-`head_dist`) so its checkpoints load with a thin mapping. Every linear layer
+`head_dist`), so a converter from its checkpoints needs little renaming (none
+is written yet; only vitjax's own checkpoints load). Every linear layer
 (patch embedding, q/k/v/out, MLP, heads) is a `Linear`, which calls the one
 polymorphic `vitjax.leaves.linear`: a kernel may be a plain array or any
 compressed leaf, and nothing here changes.

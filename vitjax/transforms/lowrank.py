@@ -9,11 +9,14 @@ Give exactly one of
                       energy per parameter across layers (0 < b < 1).
 With `calibration` images the factorization is data-aware: it minimizes the
 error of the layer's output on those inputs, ||X (w - u v)||, by whitening with
-the Cholesky factor of X^T X before the SVD (as SVD-LLM does).
+a square root R of X^T X (R = diag(sqrt(lam)) Q^T from its eigendecomposition,
+eigenvalues floored at 1e-6 of the largest) before the SVD, as SVD-LLM does
+with a Cholesky factor (which fails on a singular Gram).
 
 The factors are balanced, u = U sqrt(S), v = sqrt(S) V^T, which keeps both in
 a similar range for a later quantization. A layer whose factors would not be
-smaller than w (r (in + out) >= in * out) stays dense.
+smaller than w (r (in + out) >= in * out) is an error with `rank`, and stays
+dense, with a printed line, with `energy` or `param_budget`.
 """
 
 from __future__ import annotations
