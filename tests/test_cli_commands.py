@@ -219,3 +219,20 @@ def test_train_reuses_a_finished_run_only_with_the_same_settings(world, tmp_path
   saved = export.read_metadata(run / recipes.MODEL_DIR)["metadata"]
   assert saved["train"]["steps"] == 3
   assert re.search(r"on \d+ images for 3 steps", capsys.readouterr().out)
+
+
+def test_survey_refuses_an_odd_out_path_before_any_work(tmp_path, capsys):
+  (tmp_path / "file").write_text("x")
+  assert cli.main(["survey", "--quick", "--out", str(tmp_path / "file" / "s")]) == 2
+  assert "which is a file" in capsys.readouterr().err
+
+
+def test_a_resize_is_said_not_silent(world, tmp_path, capsys):
+  for name in ("train.npz", "test.npz"):
+    with np.load(world / name) as f:
+      images, labels = f["images"], f["labels"]
+    np.savez(tmp_path / name, images=images[:, ::2, ::2], labels=labels)
+  assert cli.main(["eval", str(world / "teacher"), "--dataset", "npz",
+                   "--data-dir", str(tmp_path)]) == 0
+  assert "the 14x14 images are resized (bilinear) to the model's 28x28" in \
+      capsys.readouterr().out

@@ -253,3 +253,15 @@ def test_augment_crops_and_flips_each_image_by_its_own_key():
   # The same key gives the same view whatever the batch around it.
   alone = data_lib.augment(keys[1:2], x[1:2], 2, True)
   np.testing.assert_array_equal(alone[0], data_lib.augment(keys, x, 2, True)[1])
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((20, 3, 16, 16), "look channels-first"),
+    ((20, 16, 12, 1), "are 16x12; vitjax models take square images"),
+])
+def test_npz_image_layouts_that_would_be_guessed_are_refused(tmp_path, shape, message):
+  images = np.zeros(shape, np.uint8)
+  for name in ("train.npz", "test.npz"):
+    np.savez(tmp_path / name, images=images, labels=np.arange(20) % 4)
+  with pytest.raises(data_lib.DatasetError, match=message):
+    data_lib.load_npz_dir(tmp_path)

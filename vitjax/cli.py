@@ -110,6 +110,7 @@ def start_run(out: pathlib.Path, overwrite: bool, model_dir: pathlib.Path) -> No
 def cmd_train(args: argparse.Namespace) -> int:
   dataset = _load_data(args)
   config = recipes.model_config(args.preset, dataset)
+  _check_data(dataset, config)
   images = recipes.teacher_images(args.preset, dataset,
                                   hold_out_validation=args.hold_out_validation)
   cfg = recipes.teacher_train_config(
@@ -139,7 +140,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
   model_dir = recipes.model_dir_of(args.checkpoint)
   model = export.load_model(model_dir)
   dataset = _load_data(args)
-  data_lib.check_compatible(dataset.image_shape, dataset.num_classes, model.config)
+  _check_data(dataset, model.config)
   split = getattr(dataset, args.split)
   r = evaluate.report(model, split, disk_bytes=export.disk_bytes(model_dir))
   print(evaluate.format_report(f"{model_dir} [{args.split}]", r))
@@ -178,11 +179,23 @@ def _compare_and_print(models: dict, dataset: data_lib.Dataset, disk: dict[str, 
   return reports
 
 
+def _check_data(dataset: data_lib.Dataset, config) -> None:
+  """`check_compatible`, and a printed line for each thing done to the images."""
+  data_lib.check_compatible(dataset.image_shape, dataset.num_classes, config)
+  h, _, c = dataset.image_shape
+  if h != config.image_size:
+    print(f"note: the {h}x{h} images are resized (bilinear) to the model's "
+          f"{config.image_size}x{config.image_size}")
+  if c != config.channels:
+    print(f"note: the {c}-channel images are repeated to the model's {config.channels} "
+          "channels")
+
+
 def _load_source(args: argparse.Namespace):
   model_dir = recipes.model_dir_of(args.checkpoint)
   model = export.load_model(model_dir)
   dataset = _load_data(args)
-  data_lib.check_compatible(dataset.image_shape, dataset.num_classes, model.config)
+  _check_data(dataset, model.config)
   return model_dir, model, dataset
 
 
@@ -275,7 +288,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
   teacher_dir = recipes.model_dir_of(args.teacher)
   teacher = export.load_model(teacher_dir)
   dataset = _load_data(args)
-  data_lib.check_compatible(dataset.image_shape, dataset.num_classes, teacher.config)
+  _check_data(dataset, teacher.config)
   student_cfg = recipes.student_config(args.student_preset, teacher.config)
   cfg = distill.DistillConfig(
       ce=args.ce, soft=args.soft, hard=args.hard, feature=args.feature,
@@ -330,6 +343,12 @@ def cmd_survey(args: argparse.Namespace) -> int:
   settings = dataclasses.replace(settings, **overrides)
   out = pathlib.Path(args.out or ("checkpoints/survey-quick" if args.quick
                                   else "checkpoints/survey"))
+  export.check_writable_directory(out)
+  if args.overwrite:
+    # Every method is built again; a finished teacher is kept (it is reused
+    # only if it was trained with these settings and data).
+    for name in [m.name for m in survey.METHODS]:
+      shutil.rmtree(out / name, ignore_errors=True)
   results = survey.run(settings, out, dataset=_load_data(args), teacher_dir=args.teacher)
   print(survey.markdown(results))
   print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'pareto.png'}")
@@ -461,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--teacher-epochs", type=POSITIVE, default=None)
   p.add_argument("--out", default=None,
                  help="default checkpoints/survey (checkpoints/survey-quick with --quick)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="build every method anew (their resumable states too); the teacher "
+                      "is kept if it was trained with these settings")
   _add_data_args(p)
   p.set_defaults(func=cmd_survey)
   return parser
@@ -470,8 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     return args.func(args)
-  except (ValueError, FileExistsError, data_lib.DatasetError,
-          export.CheckpointError) as e:
+  except (ValueError, OSError, data_lib.DatasetError, export.CheckpointError) as e:
     print(f"vitjax {args.command}: error: {e}", file=sys.stderr)
     return 2
 

@@ -227,6 +227,13 @@ def _npz_split(path: pathlib.Path) -> Split:
     images = images[..., None]
   if images.ndim != 4:
     raise DatasetError(f"{path}: images must be (N, H, W) or (N, H, W, C), got {images.shape}")
+  if images.shape[-1] > 4 and images.shape[1] in (1, 3, 4):
+    raise DatasetError(f"{path}: images of shape {images.shape} look channels-first "
+                       "(N, C, H, W); store them as (N, H, W, C), e.g. with "
+                       "np.transpose(images, (0, 2, 3, 1))")
+  if images.shape[1] != images.shape[2]:
+    raise DatasetError(f"{path}: images are {images.shape[1]}x{images.shape[2]}; vitjax "
+                       "models take square images: crop or resize them first")
   if labels.shape != (images.shape[0],):
     raise DatasetError(f"{path}: labels shape {labels.shape} does not match "
                        f"{images.shape[0]} images")
@@ -383,10 +390,14 @@ def check_compatible(image_shape: tuple[int, ...], num_classes: int,
                      config) -> None:
   """Raises ValueError if data of this shape cannot feed a model of `config`.
 
-  Images are resized to `config.image_size`; a single channel may be repeated
-  to 3, but other channel counts must match exactly.
+  Square images of another size are resized to `config.image_size` (the CLI
+  prints so); a single channel may be repeated to 3, but other channel counts
+  must match exactly.
   """
   channels = image_shape[-1]
+  if len(image_shape) != 3 or image_shape[0] != image_shape[1]:
+    raise ValueError(f"images of shape {tuple(image_shape)} are not square (H, W, C); "
+                     "crop or resize them first")
   if channels != config.channels and not (channels == 1 and config.channels == 3):
     raise ValueError(
         f"data has {channels} channel(s) but the model expects channels="

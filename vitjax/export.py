@@ -381,13 +381,24 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> None:
       ancestor is not a writable directory.
   """
   path = pathlib.Path(path).absolute()
-  if path.exists():
-    if not overwrite:
-      raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to "
-                            "replace it")
-    if not path.is_dir():
-      raise CheckpointError(f"output path {path} is a file, not a directory")
-  parent = path.parent
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to "
+                          "replace it")
+  check_writable_directory(path)
+
+
+def check_writable_directory(path: str | os.PathLike) -> None:
+  """Checks that `path` is, or can be created as, a directory this process
+  can write into.
+
+  Raises:
+    CheckpointError: `path` is a file, or its nearest existing ancestor is a
+      file or not writable.
+  """
+  path = pathlib.Path(path).absolute()
+  if path.exists() and not path.is_dir():
+    raise CheckpointError(f"output path {path} is a file, not a directory")
+  parent = path
   while not parent.exists():
     parent = parent.parent
   if not parent.is_dir():
