@@ -241,8 +241,8 @@ TAMPERING = {
     "format": (_set(["format"], "other"), "format 'other'"),
     "leaf type": (_edit_leaf(_set(["type"], "Bogus")), "leaf type 'Bogus'"),
     "leaf static field": (_edit_leaf(_set(["static", "mode"], "x")), "static"),
-    "static value": (lambda m: _first_leaf_node(m)["dict"] if False else
-                     _set_static(m, "activations", "sometimes"), "activations='sometimes'"),
+    "static value": (lambda m: _set_static(m, "activations", "sometimes"),
+                     "activations='sometimes'"),
     "array reference": (lambda m: _retarget_first_array(m), "a second time|not in the tree"),
     "config": (_set(["config", "dim"], -1), "invalid config"),
 }

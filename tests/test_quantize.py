@@ -403,6 +403,14 @@ def test_collect_then_calibrators_match_numpy_end_to_end():
   grid = np.linspace(mags.max() / 16, mags.max(), 400)
   best = min(error(c) for c in grid)
   assert error(calibrate.choose_bound(stats.hist, "mse", bits=8)) <= 1.02 * best + 1e-12
+  # Shifted (asymmetric): the histogram is of |x + shift|, shift centring the range.
+  shifted = calibrate.collect(m, calib, [layer], symmetric=False, batch_size=32,
+                              progress=False)[layer]
+  assert shifted.shift == pytest.approx(-(xin.min() + xin.max()) / 2, rel=1e-5, abs=1e-7)
+  mags = np.abs(xin + shifted.shift)
+  assert shifted.hist.hi == pytest.approx(mags.max(), rel=1e-5)
+  want_counts, _ = np.histogram(mags, bins=calibrate.BINS, range=(0, shifted.hist.hi))
+  assert np.abs(shifted.hist.counts - want_counts).sum() <= 0.002 * len(mags)
 
 
 def test_selections_that_compress_nothing_are_errors():

@@ -10,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import TINY, assert_params_close, synthetic_split
+from helpers import TINY, assert_params_close, noisy_model, synthetic_split
 from vitjax import evaluate, losses, progress, recipes, sharding, train
 from vitjax import model as model_lib
+from vitjax.models.inputs import preprocess
 
 
 def _leaves(model):
@@ -210,15 +211,17 @@ def test_optimizer_masks_weight_decay():
 
 def test_param_average_by_hand():
   # SGD at lr 0.1 on x^2/2 from x=1: x1 = 0.9, x2 = 0.81; with decay 0.5 the
-  # average goes 1 -> 0.95 -> 0.88 while the updates pass through unchanged.
-  opt = optax.chain(optax.sgd(0.1), train.param_average(0.5))
-  x = np.float32(1.0)
-  state = opt.init(x)
-  for want_x, want_avg in ((0.9, 0.95), (0.81, 0.88)):
-    updates, state = opt.update(x, state, x)
-    x = optax.apply_updates(x, updates)
-    np.testing.assert_allclose([x, train.averaged_leaves(state)], [want_x, want_avg],
-                               rtol=1e-6)
+  # average goes 1 -> 0.95 -> 0.88, with decay 0.9 1 -> 0.99 -> 0.972, while
+  # the updates pass through unchanged.
+  for decay, averages in ((0.5, (0.95, 0.88)), (0.9, (0.99, 0.972))):
+    opt = optax.chain(optax.sgd(0.1), train.param_average(decay))
+    x = np.float32(1.0)
+    state = opt.init(x)
+    for want_x, want_avg in zip((0.9, 0.81), averages):
+      updates, state = opt.update(x, state, x)
+      x = optax.apply_updates(x, updates)
+      np.testing.assert_allclose([x, train.averaged_leaves(state)], [want_x, want_avg],
+                                 rtol=1e-6)
   with pytest.raises(ValueError, match="param_average needs the params"):
     train.param_average(0.5).update(x, train.param_average(0.5).init(x))
   with pytest.raises(ValueError, match="holds no parameter average"):
@@ -272,3 +275,15 @@ def test_progress_bar_writes_rarely_when_not_a_terminal(monkeypatch):
   assert progress.bar(10, "x", file=io.StringIO()).mininterval == progress.LOG_INTERVAL_S
   monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
   assert progress.bar(10, "x", file=io.StringIO()).mininterval == progress.TERMINAL_INTERVAL_S
+
+
+def test_accuracy_counts_every_image_against_a_hand_computation():
+  m = noisy_model(TINY, 4)
+  split = synthetic_split(300, seed=9)  # not a multiple of the batch: the last is padded
+  logits = np.asarray(model_lib.apply(m, preprocess(jnp.asarray(split.images), TINY)))
+  want = float(np.mean(logits.argmax(-1) == split.labels))
+  assert 0.05 < want < 0.95  # a comparison that can tell a half from the whole
+  assert evaluate.accuracy(m, split, batch_size=128) == pytest.approx(want, abs=1e-12)
+  halves = [float(np.mean(logits[:150].argmax(-1) == split.labels[:150])),
+            float(np.mean(logits[150:].argmax(-1) == split.labels[150:]))]
+  assert halves[0] != halves[1]
