@@ -12,9 +12,11 @@ passes "survives".
   .venv/bin/python tools/mutants.py --tree DIR      # another checkout (e.g. an
                                                     # older commit, for before/after)
 
-Prints one line per mutant and the count killed / total. Snippets are chosen
-to exist in the code before and after the test-strength work of 2026-11-25,
-so the same mutants score both.
+Prints one line per mutant and the count killed / total. The first 22
+snippets exist in the code before and after the test-strength work of
+2026-11-25, so the same mutants score both; the "new check:" ones break checks
+added then, and are skipped in a tree without them. `--match TEXT` runs only
+the mutants whose name contains TEXT.
 """
 
 from __future__ import annotations
@@ -93,9 +95,33 @@ MUTANTS: list[tuple[str, str, str]] = [
      "total += prod(lhs, lb) * prod(lhs, lc) * prod(lhs, free_l) * prod(rhs, free_r)"),
     ("prune: masked weights not zeroed in the forward pass",
      "return matmul(x, masked_values(w.w, w.mask))", "return matmul(x, w.w)"),
+    # Checks that exist only since 2026-11-25 (absent, and skipped, in older trees).
+    ("new check: a failed final rename loses the old checkpoint",
+     "  except BaseException:\n    old.rename(path)\n    raise",
+     "  except BaseException:\n    raise"),
+    ("new check: description digest not verified",
+     "if meta[DIGEST_KEY] != description_digest(meta):", "if False:"),
+    ("new check: array offsets not verified",
+     "if info[\"offset\"] != ends[buffer]:", "if False:"),
+    ("new check: an empty selection passes",
+     "  if not chosen:\n    raise ValueError(f\"the layer patterns select no layer together",
+     "  if False:\n    raise ValueError(f\"the layer patterns select no layer together"),
+    ("new check: resume ignores the starting weights",
+     "\"initial_weights\": fingerprint(model.params, extra),",
+     "\"initial_weights\": \"\","),
+    ("new check: --overwrite keeps the old run",
+     "    shutil.rmtree(out)\n", "    pass\n"),
+    ("new check: pixel statistics ignored",
+     "x = (x - jnp.asarray(config.pixel_mean, jnp.float32))",
+     "x = (x - jnp.asarray(0.0, jnp.float32))"),
 ]
 
 SLOW_TESTS = ("test_two_processes", "test_survey_writes_every_method")
+
+
+def present(tree: pathlib.Path, original: str) -> bool:
+  """Whether `original` occurs anywhere under tree/vitjax."""
+  return any(original in p.read_text() for p in (tree / "vitjax").rglob("*.py"))
 
 
 def apply(tree: pathlib.Path, original: str, mutated: str) -> pathlib.Path:
@@ -111,10 +137,18 @@ def apply(tree: pathlib.Path, original: str, mutated: str) -> pathlib.Path:
   return hits[0]
 
 
-def run(tree: pathlib.Path, python: str, timeout: int) -> list[tuple[str, bool, float]]:
-  """Runs every mutant against the suite of `tree`; returns (name, killed, seconds)."""
+def run(tree: pathlib.Path, python: str, timeout: int, match: str = ""
+        ) -> list[tuple[str, bool, float]]:
+  """Runs each mutant whose name contains `match` against the suite of `tree`;
+  returns (name, killed, seconds). A "new check:" mutant whose snippet the
+  tree lacks is skipped (and said); any other missing snippet is an error."""
   results = []
   for name, original, mutated in MUTANTS:
+    if match not in name:
+      continue
+    if name.startswith("new check:") and not present(tree, original):
+      print(f"n/a              {name} (not in this tree)", flush=True)
+      continue
     with tempfile.TemporaryDirectory() as scratch:
       copy = pathlib.Path(scratch) / "tree"
       shutil.copytree(tree, copy, ignore=shutil.ignore_patterns(
@@ -147,8 +181,9 @@ def main() -> None:
   parser.add_argument("--tree", default=str(pathlib.Path(__file__).parents[1]),
                       help="the checkout whose vitjax/ and tests/ are mutated and run")
   parser.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
+  parser.add_argument("--match", default="", help="only mutants whose name contains this")
   args = parser.parse_args()
-  results = run(pathlib.Path(args.tree).resolve(), sys.executable, args.timeout)
+  results = run(pathlib.Path(args.tree).resolve(), sys.executable, args.timeout, args.match)
   killed = sum(k for _, k, _ in results)
   print(f"{killed} killed / {len(results)} mutants ({len(results) - killed} survived)")
 
