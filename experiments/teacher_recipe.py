@@ -16,11 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import time
 
-from vitjax import data as data_lib
-from vitjax import evaluate, recipes
+from vitjax import entry
+
+# The same XLA CPU device split as the `vitjax` command (before JAX starts), so
+# the final run trains exactly as the survey's teacher does.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
+                             entry.cpu_device_flag(os.cpu_count())).strip()
+
+from vitjax import data as data_lib  # noqa: E402
+from vitjax import evaluate, recipes  # noqa: E402
 
 HERE = pathlib.Path(__file__).parent
 
