@@ -122,8 +122,8 @@ def cmd_train(args: argparse.Namespace) -> int:
   if args.overwrite or not model_dir.exists():
     start_run(run_dir, args.overwrite, model_dir)
   if (model_dir / export.META_FILE).exists():
-    print(f"reusing the finished run in {run_dir}, trained with these settings "
-          "(--overwrite trains again)")
+    print(f"reusing the finished run in {run_dir} if it was trained with these settings "
+          "and data (--overwrite trains again)")
   else:
     print(f"training {args.preset} ViT ({config.depth} blocks, dim {config.dim}, patch "
           f"{config.patch_size}) on {len(images)} images for {cfg.steps} steps of "
