@@ -236,6 +236,8 @@ TAMPERING = {
     "length": (_set(["arrays", "a1", "length"], lambda v: v - 1), "has length"),
     "dtype": (_set(["arrays", "a0", "dtype"], "float16"), "lies in buffer 'float32'"),
     "codec": (_set(["arrays", "a0", "codec"], "zip"), "unknown codec 'zip'"),
+    "codec for the dtype": (_set(["arrays", "a0", "codec"], "bits"),
+                            "stored with codec 'raw', not 'bits'"),
     "shape": (_set(["arrays", "a0", "shape"], lambda v: v[::-1] + [1]), "has length|has shape"),
     "version": (_set(["version"], 99), "version 99"),
     "format": (_set(["format"], "other"), "format 'other'"),

@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--method", required=True, choices=["magnitude", "global", "nm", "structured"],
                  help="magnitude: per layer; global: one threshold; nm: N:M; structured: "
                       "remove heads and MLP neurons")
-  p.add_argument("--sparsity", type=FRACTION_OPEN_TOP, default=0.5, help="magnitude/global, in [0, 1)")
+  p.add_argument("--sparsity", type=FRACTION_OPEN_TOP, default=0.5,
+                 help="magnitude/global, in [0, 1)")
   p.add_argument("--gradual", action="store_true",
                  help="raise the sparsity along a cubic schedule during fine-tuning")
   p.add_argument("--n", type=POSITIVE_INT, default=2)

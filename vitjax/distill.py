@@ -347,7 +347,8 @@ def cached_teacher(teacher: Model, split: data_lib.Split, train_cfg: train_lib.T
                    ) -> TeacherCache:
   """Loads the cache at `path` if it matches this teacher, data and augmentation,
   else computes it and writes it there."""
-  key = json.dumps({"teacher": train_lib.fingerprint(teacher.params), "config": teacher.config.to_dict(),
+  key = json.dumps({"teacher": train_lib.fingerprint(teacher.params),
+                    "config": teacher.config.to_dict(),
                     "data": train_lib.fingerprint(split.images, split.labels), "k": k,
                     "views": cache_views(train_cfg), "seed": train_cfg.seed,
                     "crop_pad": train_cfg.crop_pad, "flip": train_cfg.flip}, sort_keys=True)

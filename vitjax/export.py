@@ -93,15 +93,23 @@ def unpack_int4(packed: np.ndarray, shape: tuple[int, ...], dtype: Any = ml_dtyp
   return _unpack_int4(np.asarray(packed), tuple(shape), dtype)
 
 
+def _codec_of(dtype: str) -> str:
+  """How arrays of `dtype` (its name) are stored: int4/uint4 packed two per
+  byte, bool one bit per value, anything else raw."""
+  if dtype in ("int4", "uint4"):
+    return "int4-packed"
+  return "bits" if dtype == "bool" else "raw"
+
+
 def _encode_array(x: Any) -> tuple[np.ndarray, dict[str, Any]]:
   x = np.asarray(x)
-  info = {"dtype": str(x.dtype), "shape": list(x.shape)}
-  if x.dtype in (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4)):
-    stored, info["codec"] = _pack_int4(x), "int4-packed"
-  elif x.dtype == np.bool_:
-    stored, info["codec"] = np.packbits(x.reshape(-1)), "bits"
+  info = {"dtype": str(x.dtype), "shape": list(x.shape), "codec": _codec_of(str(x.dtype))}
+  if info["codec"] == "int4-packed":
+    stored = _pack_int4(x)
+  elif info["codec"] == "bits":
+    stored = np.packbits(x.reshape(-1))
   else:
-    stored, info["codec"] = x, "raw"
+    stored = x
   return stored.reshape(-1), info
 
 
@@ -272,7 +280,6 @@ def _check_layout(infos: Any, digests: Any, where: pathlib.Path) -> dict[str, in
     raise CheckpointError(f"{where}: the array layout ('arrays') is a "
                           f"{type(infos).__name__}, not a mapping")
   ends = {name: 0 for name in digests}
-  codecs = {"int4-packed": ("int4", "uint4"), "bits": ("bool",)}
   for name, info in infos.items():
     kinds = {"dtype": str, "codec": str, "buffer": str, "path": str, "shape": list,
              "offset": int, "length": int}
@@ -287,10 +294,10 @@ def _check_layout(infos: Any, digests: Any, where: pathlib.Path) -> dict[str, in
     if info["codec"] not in CODECS:
       raise CheckpointError(f"{where}: array {name} ({info['path']}) has unknown codec "
                             f"{info['codec']!r}; known: {CODECS}")
-    allowed = codecs.get(info["codec"])
-    if allowed is not None and info["dtype"] not in allowed:
+    if info["codec"] != _codec_of(info["dtype"]):
       raise CheckpointError(f"{where}: array {name} ({info['path']}) has dtype "
-                            f"{info['dtype']!r}, which codec {info['codec']!r} cannot hold")
+                            f"{info['dtype']!r}, which is stored with codec "
+                            f"{_codec_of(info['dtype'])!r}, not {info['codec']!r}")
     try:
       np.dtype(getattr(ml_dtypes, info["dtype"], None) or info["dtype"])
     except TypeError as e:
