@@ -368,6 +368,7 @@ def test_version_1_checkpoints_load_with_the_fashion_statistics(tmp_path):
   def to_v1(meta):
     meta["version"] = 1
     meta.pop(export.DIGEST_KEY)
+    meta.pop("sites")
     meta["config"].pop("pixel_mean")
     meta["config"].pop("pixel_std")
   _rewrite(tmp_path / "m", to_v1, redigest=False)

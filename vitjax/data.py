@@ -23,7 +23,8 @@ import hashlib
 import os
 import pathlib
 import struct
-from typing import Any, Iterator, Sequence
+import typing
+from typing import Any, Iterator, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,18 +62,29 @@ class DatasetError(Exception):
   """A dataset file is missing, altered, truncated or of the wrong shape."""
 
 
+Origin = Literal["train", "test", "mixed", "unknown"]
+ORIGINS: tuple[str, ...] = typing.get_args(Origin)
+
+
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """Images (N, H, W, C) uint8 or float32, and int32 labels (N,)."""
+  """Images (N, H, W, C) uint8 or float32, int32 labels (N,), and where the
+  images come from: "train" (training images, or held out from them), "test",
+  "mixed" (joined from both) or "unknown"."""
 
   images: np.ndarray
   labels: np.ndarray
+  origin: Origin = "unknown"
+
+  def __post_init__(self) -> None:
+    if self.origin not in ORIGINS:
+      raise ValueError(f"Split.origin={self.origin!r}; choose one of {ORIGINS}")
 
   def __len__(self) -> int:
     return len(self.labels)
 
   def take(self, index: np.ndarray | slice) -> Split:
-    return Split(self.images[index], self.labels[index])
+    return Split(self.images[index], self.labels[index], self.origin)
 
   def concat(self, other: Split) -> Split:
     """This split's examples followed by `other`'s (same image shape and dtype).
@@ -86,7 +98,8 @@ class Split:
           f"cannot join images of shape {self.images.shape[1:]} ({self.images.dtype}) "
           f"with images of shape {other.images.shape[1:]} ({other.images.dtype})")
     return Split(np.concatenate([self.images, other.images]),
-                 np.concatenate([self.labels, other.labels]))
+                 np.concatenate([self.labels, other.labels]),
+                 self.origin if self.origin == other.origin else "mixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +366,8 @@ def make_dataset(train: Split, test: Split, name: str, *, validation: int | None
     if len(split) and int(split.labels.max()) >= num_classes:
       raise DatasetError(f"the {split_name} labels reach {int(split.labels.max())}, outside "
                          f"0..{num_classes - 1} (num_classes={num_classes})")
+  train = dataclasses.replace(train, origin="train")
+  test = dataclasses.replace(test, origin="test")
   order = np.random.default_rng(seed).permutation(n)
   val_idx, train_idx = np.sort(order[:validation]), np.sort(order[validation:])
   kept = train.take(train_idx)

@@ -2,7 +2,8 @@
 
 A model directory holds:
   vitjax.json   the config, a description of every leaf of the parameter tree
-                (plain array, or a registered leaf type with its static fields),
+                (plain array, or a registered leaf type with its static fields)
+                and of the activation quantizer at every quantization site,
                 where each array lies in which buffer, its dtype and shape,
                 every buffer's SHA-256, free metadata, and the SHA-256 of all
                 of that (`description_sha256`);
@@ -45,12 +46,13 @@ from vitjax.model import Model
 from vitjax.models.config import ViTConfig
 
 FORMAT = "vitjax-model"
+# 3: activation quantizers of the quantization sites ("sites").
 # 2: the description carries its own SHA-256 and the config its pixel
-# statistics. Version 1 (no description digest) is still read; its models
-# normalized uint8 pixels with Fashion-MNIST's statistics, which load_model
-# puts into the config.
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# statistics. Versions 1 (no description digest) and 2 are still read;
+# version 1 models normalized uint8 pixels with Fashion-MNIST's statistics,
+# which load_model puts into the config.
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 META_FILE = "vitjax.json"
 ARRAYS_DIR = "arrays"
 DIGEST_KEY = "description_sha256"
@@ -343,10 +345,13 @@ def save_model(model: Model, path: str | os.PathLike, *,
   model_lib.check_params(model.config, model.params)
   arrays: dict[str, np.ndarray] = {}
   infos: dict[str, Any] = {}
+  check_sites(model)
   tree = _encode(jax.device_get(model.params), "params", arrays, infos)
+  site_tree = _encode(jax.device_get(model.sites), "sites", arrays, infos)
   buffers, digests = _pack(arrays, infos)
   meta = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
-          "tree": tree, "arrays": infos, "buffers": digests, "metadata": metadata or {}}
+          "tree": tree, "sites": site_tree, "arrays": infos, "buffers": digests,
+          "metadata": metadata or {}}
   meta[DIGEST_KEY] = description_digest(meta)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -513,6 +518,19 @@ def load_model(path: str | os.PathLike, expect_config: ViTConfig | None = None) 
       info["offset"]:info["offset"] + info["length"]], info) for name, info in infos.items()}
   used: set[str] = set()
   params = _decode(meta.get("tree"), arrays, "params", used)
+  if meta["version"] >= 3:
+    if "sites" not in meta:
+      raise CheckpointError(f"{path} is corrupt: its 'sites' description is missing")
+    site_desc = meta["sites"]
+  elif "sites" in meta:
+    raise CheckpointError(f"{path} says version {meta['version']}, which has no site "
+                          "quantizers, yet carries some: its version field was edited")
+  else:
+    site_desc = {"dict": {}}
+  sites = _decode(site_desc, arrays, "sites", used)
+  if not isinstance(sites, dict):
+    raise CheckpointError(f"{path}: its site quantizers are a {type(sites).__name__}, "
+                          "not a dict")
   if used != set(arrays):
     raise CheckpointError(f"{path}: arrays {sorted(set(arrays) - used)[:5]} are in the "
                           "layout but not in the tree")
@@ -521,4 +539,24 @@ def load_model(path: str | os.PathLike, expect_config: ViTConfig | None = None) 
   except ValueError as e:
     raise CheckpointError(f"{path}: the stored tree does not fit its config: {e}") from e
   params = jax.tree_util.tree_map(jnp.asarray, params)
-  return Model(config, params)
+  model = Model(config, params, jax.tree_util.tree_map(jnp.asarray, sites))
+  try:
+    check_sites(model)
+  except ValueError as e:
+    raise CheckpointError(f"{path}: {e}") from e
+  return model
+
+
+def check_sites(model: Model) -> None:
+  """Raises ValueError naming a site address the model does not have, or a
+  site holding something other than a registered quantizer."""
+  if not model.sites:
+    return
+  known = set(model_lib.site_addresses(model.replace(sites={})))
+  for address, q in model.sites.items():
+    if address not in known:
+      raise ValueError(f"site {address!r} does not exist in this model; sites look like "
+                       f"{sorted(known)[:2]} ({len(known)} in all)")
+    if not dataclasses.is_dataclass(q) or leaves.storable_types().get(
+        type(q).__name__) is not type(q):
+      raise ValueError(f"site {address} holds a {type(q).__name__}, not a quantizer")

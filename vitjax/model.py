@@ -1,8 +1,10 @@
-"""`Model(config, params)`: the value every vitjax transform takes and returns.
+"""`Model(config, params, sites)`: the value every vitjax transform takes and returns.
 
 `config` is a frozen `ViTConfig` (static under jit); `params` is a plain pytree
-whose weight leaves may be arrays or compressed leaves. A `Model` is itself a
-pytree (config as static metadata), so it passes through `jax.jit` whole.
+whose weight leaves may be arrays or compressed leaves; `sites` maps
+quantization-site addresses (`vitjax.models.sites`) to activation quantizers.
+A `Model` is itself a pytree (config as static metadata), so it passes through
+`jax.jit` whole.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 
 from vitjax import leaves
 from vitjax.leaves import logical_shape
+from vitjax.models import sites as sites_lib
 from vitjax.models.config import ViTConfig
 from vitjax.models.vit import VisionTransformer
 
@@ -25,10 +28,12 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """A ViT/DeiT configuration and its (possibly compressed) parameters."""
+  """A ViT/DeiT configuration, its (possibly compressed) parameters, and the
+  activation quantizers of its quantization sites (address -> quantizer)."""
 
   config: ViTConfig
   params: PyTree
+  sites: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def module(self) -> VisionTransformer:
@@ -38,8 +43,41 @@ class Model:
     return dataclasses.replace(self, **changes)
 
 
-jax.tree_util.register_dataclass(Model, data_fields=["params"],
+jax.tree_util.register_dataclass(Model, data_fields=["params", "sites"],
                                  meta_fields=["config"])
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+  """{'a/b/op': v} -> {'a': {'b': {'op': v}}}."""
+  out: dict[str, Any] = {}
+  for address, value in flat.items():
+    *modules, op = address.split("/")
+    node = out
+    for m in modules:
+      node = node.setdefault(m, {})
+    node[op] = value
+  return out
+
+
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{'a': {'b': {'op': v}}} -> {'a/b/op': v} (the inverse of `nest`; a node
+  is a leaf when it is not a dict)."""
+  out = {}
+  for key, value in nested.items():
+    name = f"{prefix}/{key}" if prefix else key
+    if isinstance(value, dict):
+      out.update(flatten(value, name))
+    else:
+      out[name] = value
+  return out
+
+
+def variables(model: Model) -> dict[str, Any]:
+  """The Flax variables of `model`: its params and its site quantizers."""
+  out = {"params": model.params}
+  if model.sites:
+    out[sites_lib.COLLECTION] = nest(model.sites)
+  return out
 
 
 def init(config: ViTConfig, rng: jax.Array | int = 0) -> Model:
@@ -62,7 +100,7 @@ def apply(model: Model, images: jax.Array, heads: Heads = "mean",
   without a distillation token refuses it, and any other `heads` value. `keep`, (B, K)
   patch-token indices, drops every other patch token (patch dropout, training).
   """
-  return model.module.apply({"params": model.params}, images, heads=heads, keep=keep)
+  return model.module.apply(variables(model), images, heads=heads, keep=keep)
 
 
 def apply_with_intermediates(model: Model, images: jax.Array,
@@ -72,7 +110,7 @@ def apply_with_intermediates(model: Model, images: jax.Array,
   `features[i]` is block i's output tokens (B, T, dim); `attention[i]` its
   attention probabilities (B, heads, T, T).
   """
-  out, state = model.module.apply({"params": model.params}, images,
+  out, state = model.module.apply(variables(model), images,
                                   heads=heads, mutable=["intermediates"])
   blocks = state["intermediates"]["Transformer"]
   names = sorted(blocks, key=lambda n: int(n.rsplit("_", 1)[1]))
@@ -82,19 +120,44 @@ def apply_with_intermediates(model: Model, images: jax.Array,
   return out, {"features": features, "attention": attention}
 
 
+def apply_with_sites(model: Model, images: jax.Array,
+                     deltas: dict[str, Any] | None = None) -> tuple[jax.Array, dict[str, Any]]:
+  """Returns `(logits, site values)`: site address -> what that quantization
+  site saw (an array; `{"lhs", "rhs"}` for a matmul of two activations).
+  `deltas` (address -> arrays of the same shapes) are added to those values
+  first (calibration differentiates the logits with respect to them)."""
+  extra = {sites_lib.DELTA: nest(deltas)} if deltas else {}
+  logits, state = model.module.apply({**variables(model), **extra}, images,
+                                     mutable=[sites_lib.RECORD])
+  return logits, {k: v[0] for k, v in flatten(state[sites_lib.RECORD]).items()}
+
+
+def site_inputs(model: Model, images: jax.Array) -> dict[str, Any]:
+  """Site address -> what that quantization site saw in one forward pass."""
+  return apply_with_sites(model, images)[1]
+
+
+def site_addresses(model: Model) -> list[str]:
+  """Addresses of every quantization site of `model`, in tree order."""
+  cfg = model.config
+  images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.channels),
+                                jnp.float32)
+  return list(jax.eval_shape(lambda m, x: site_inputs(m, x), model, images))
+
+
 def linear_inputs(model: Model, images: jax.Array) -> dict[str, jax.Array]:
   """Layer path -> the input of that linear layer, for one forward pass."""
-  _, state = model.module.apply({"params": model.params}, images,
-                                mutable=["linear_inputs"])
-  out = {}
-  def walk(node: dict, prefix: str) -> None:
-    for key, value in node.items():
-      if key == "x":
-        out[prefix] = value[0]
-      else:
-        walk(value, f"{prefix}/{key}" if prefix else key)
-  walk(state["linear_inputs"], "")
-  return out
+  suffix = "/input"
+  return {k[:-len(suffix)]: v for k, v in site_inputs(model, images).items()
+          if k.endswith(suffix) and is_linear_layer(model.params, k[:-len(suffix)])}
+
+
+def is_linear_layer(params: PyTree, path: str) -> bool:
+  """True when `path` names a module of `params` that holds a `kernel`."""
+  node = params
+  for key in path.split("/"):
+    node = node.get(key, {}) if isinstance(node, dict) else {}
+  return isinstance(node, dict) and "kernel" in node
 
 
 # ---------------------------------------------------------------- structure

@@ -415,9 +415,15 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
       from the same weights, `extra`, `aux` and data (by SHA-256).
 
   Raises:
-    ValueError: bad shapes, a batch size the devices do not divide, or a
-      workdir written by a different run.
+    ValueError: bad shapes, a batch size the devices do not divide, a
+      workdir written by a different run, or a model with activation
+      quantizers at its sites (rounding has no gradient: train the float or
+      QAT model, then quantize its sites).
   """
+  if model.sites:
+    raise ValueError(f"the model has activation quantizers at {len(model.sites)} sites "
+                     f"(e.g. {next(iter(model.sites))}); fit() trains float or QAT "
+                     "models: train first, then quantize the sites")
   data_lib.check_compatible(split.images.shape[1:], int(split.labels.max()) + 1,
                             model.config)
   mesh = mesh or sharding.make_mesh()

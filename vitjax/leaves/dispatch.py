@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitjax.storable import register_storable, storable_types  # noqa: F401 (re-exported)
+
 
 @functools.singledispatch
 def weight_matmul(w: Any, x: jax.Array) -> jax.Array:
@@ -47,9 +49,23 @@ def logical_shape(leaf: Any) -> tuple[int, ...]:
   return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
 
 
-def linear(x: jax.Array, w: Any, b: jax.Array | None = None) -> jax.Array:
-  """Returns `x @ w + b` for any weight leaf `w` (see `matmul`)."""
-  y = matmul(x, w)
+@functools.singledispatch
+def input_quantized_matmul(w: Any, x: jax.Array, act: Callable[[jax.Array], jax.Array]
+                           ) -> jax.Array:
+  """Returns `act(x) @ w`, where `act` is the activation quantizer of the
+  layer's input site; dispatches on the type of `w`.
+
+  This default multiplies the quantized values as floats; a quantized weight
+  registers an integer matmul instead.
+  """
+  return matmul(act(x), w)
+
+
+def linear(x: jax.Array, w: Any, b: jax.Array | None = None,
+           act: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+  """Returns `x @ w + b` for any weight leaf `w` (see `matmul`), with `x`
+  quantized by `act` first when a quantizer is given."""
+  y = matmul(x, w) if act is None else input_quantized_matmul(w, x, act)
   return y if b is None else y + b.astype(y.dtype)
 
 
@@ -100,21 +116,6 @@ def constrain_tree(params: Any) -> Any:
 def is_compressed(x: Any) -> bool:
   """True for instances of registered compressed leaf types."""
   return type(x) in weight_matmul.registry and type(x) is not object
-
-
-_STORABLE: dict[str, type] = {}
-
-
-def register_storable(cls: type) -> type:
-  """Allows dataclass `cls` (a leaf type, or a type nested in one) in saved
-  checkpoints; used as a class decorator."""
-  _STORABLE[cls.__name__] = cls
-  return cls
-
-
-def storable_types() -> dict[str, type]:
-  """Name -> class of every dataclass a checkpoint may hold."""
-  return dict(_STORABLE)
 
 
 def registered_leaf_types() -> list[str]:

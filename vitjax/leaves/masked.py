@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.leaves.dispatch import (constrain, logical_shape, map_weights, matmul,
-                                   register_storable, trainable, value_count,
-                                   weight_matmul)
+from vitjax.leaves.dispatch import (constrain, input_quantized_matmul, logical_shape,
+                                   map_weights, matmul, register_storable, trainable,
+                                   value_count, weight_matmul)
 from vitjax.leaves.quantized import FakeQuantWeight
 
 
@@ -57,6 +57,11 @@ def masked_values(w: Any, mask: jax.Array) -> Any:
 @weight_matmul.register
 def _(w: Masked, x: jax.Array) -> jax.Array:
   return matmul(x, masked_values(w.w, w.mask))
+
+
+@input_quantized_matmul.register
+def _(w: Masked, x: jax.Array, act: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  return input_quantized_matmul(masked_values(w.w, w.mask), x, act)
 
 
 @trainable.register

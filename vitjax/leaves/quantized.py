@@ -26,8 +26,10 @@ import jax.numpy as jnp
 from aqt.jax.v2 import aqt_quantizer, aqt_tensor
 from aqt.jax.v2 import config as aqt_config
 
-from vitjax.leaves.dispatch import (register_storable, trainable, value_count,
+from vitjax.leaves.dispatch import (input_quantized_matmul, trainable, value_count,
                                    weight_matmul)
+from vitjax.quantizers.uniform import Uniform, check_bits, quantized_dot_general
+from vitjax.storable import register_storable
 
 ACTIVATION_MODES = ("float", "dynamic", "static")
 
@@ -39,20 +41,15 @@ def _dims(x: jax.Array) -> tuple:
   return (((x.ndim - 1,), (0,)), ((), ()))
 
 
-def check_bits(bits: int, name: str = "bits") -> int:
-  """Returns `bits` if it is an int in 2..8, else raises ValueError naming `name`."""
-  if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
-    raise ValueError(f"{name}={bits!r} is outside the supported range 2..8")
-  return bits
-
-
 def aqt_dot_general(act_bits: int | None, weight_bits: int) -> aqt_config.DotGeneral:
   """AQT config: activations at `act_bits` (None: float), weights at `weight_bits`.
 
-  Deterministic rounding (no stochastic noise), float gradients.
+  Deterministic rounding (no stochastic noise), float gradients. Gradients
+  reach the activations through pre-quantized (frozen, never trained) weights
+  too, as site calibration needs them.
   """
   return aqt_config.dot_general_make(lhs_bits=act_bits, rhs_bits=weight_bits,
-                                     bwd_bits=None)
+                                     bwd_bits=None, allow_dummy_gradients=True)
 
 
 def quantize_per_channel(w: jax.Array, bits: int) -> aqt_tensor.QTensor:
@@ -131,6 +128,17 @@ def _quantized_matmul(w: QuantizedWeight, x: jax.Array) -> jax.Array:
     colsum = (w.qt.qvalue.astype(jnp.float32).sum(0) * w.qt.scale[0][0]).astype(y.dtype)
     y = y - w.act_shift.astype(y.dtype) * colsum
   return y
+
+
+@input_quantized_matmul.register
+def _(w: QuantizedWeight, x: jax.Array, act: Any) -> jax.Array:
+  if w.activations != "float":
+    raise ValueError(f"a layer whose weight quantizes its own activations "
+                     f"({w.activations}) cannot also have an input site quantizer; "
+                     "quantize its weight with activations='float'")
+  if isinstance(act, Uniform):
+    return quantized_dot_general(x, act, None, w.qt, _dims(x), rhs_bits=w.bits)
+  return weight_matmul(w, act(x))  # non-uniform codes: their values, weight-only dot
 
 
 @register_storable

@@ -8,10 +8,12 @@ is written yet; only vitjax's own checkpoints load). Every linear layer
 polymorphic `vitjax.leaves.linear`: a kernel may be a plain array or any
 compressed leaf, and nothing here changes.
 
-Sown intermediates support distillation and calibration: each block's output
-tokens (`features`) and attention probabilities (`attention`) in the
-`intermediates` collection, and every linear layer's input in `linear_inputs`;
-each is recorded only when `apply` is called with that collection mutable.
+Sown intermediates support distillation: each block's output tokens
+(`features`) and attention probabilities (`attention`) in the `intermediates`
+collection, recorded only when `apply` is called with it mutable. Every place
+where a quantized ViT needs a quantizer (linear inputs, q.kT, softmax, probs.v,
+GELU, LayerNorm inputs) is a quantization site (`vitjax.models.sites`), which
+also records its input for calibration.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from vitjax import leaves
+from vitjax.models import sites
 from vitjax.models.config import ViTConfig
 
 Initializer = Callable[..., jax.Array]
@@ -45,9 +48,26 @@ class Linear(nn.Module):
     if self.is_initializing():
       self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
       self.param("bias", self.bias_init, (self.features,))
-    self.sow("linear_inputs", "x", x)  # recorded only for calibration
-    return leaves.linear(x, self.get_variable("params", "kernel"),
-                         self.get_variable("params", "bias"))
+    return sites.linear(self, x, self.get_variable("params", "kernel"),
+                        self.get_variable("params", "bias"))
+
+
+class LayerNorm(nn.Module):
+  """flax's LayerNorm (same parameters, bit-identical outputs) with a
+  quantization site at its input."""
+
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    x = sites.value(self, "input", x).astype(jnp.float32)  # statistics in float32
+    d = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (d,))
+    bias = self.param("bias", nn.initializers.zeros, (d,))
+    mean = jnp.mean(x, -1, keepdims=True)
+    var = jnp.maximum(0.0, jnp.mean(lax.square(x), -1, keepdims=True) - lax.square(mean))
+    return ((x - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias).astype(dtype)
 
 
 class Attention(nn.Module):
@@ -65,11 +85,15 @@ class Attention(nn.Module):
     q = split(Linear(width, name="query")(x))
     k = split(Linear(width, name="key")(x))
     v = split(Linear(width, name="value")(x))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(
-        jnp.asarray(self.head_dim, x.dtype))
+    # q.kT: (b, q, h, d) x (b, k, h, d) -> (b, h, q, k)
+    logits = sites.einsum(self, "qk", q, k, (((3,), (3,)), ((0, 2), (0, 2))))
+    logits = logits / jnp.sqrt(jnp.asarray(self.head_dim, x.dtype))
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
     self.sow("intermediates", "attention", probs)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, width)
+    probs = sites.value(self, "softmax", probs)
+    # probs.v: (b, h, q, k) x (b, k, h, d) -> (b, h, q, d)
+    out = sites.einsum(self, "pv", probs, v, (((3,), (1,)), ((0, 1), (0, 2))))
+    out = out.transpose(0, 2, 1, 3).reshape(b, t, width)
     return Linear(self.dim, name="out")(out)
 
 
@@ -82,7 +106,7 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = Linear(self.hidden, bias_init=nn.initializers.normal(1e-6), name="Dense_0")(x)
-    x = nn.gelu(x)
+    x = sites.value(self, "gelu", nn.gelu(x))
     return Linear(self.dim, bias_init=nn.initializers.normal(1e-6), name="Dense_1")(x)
 
 
@@ -96,10 +120,10 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     dim = x.shape[-1]
-    y = nn.LayerNorm(dtype=x.dtype, name="LayerNorm_0")(x)
+    y = LayerNorm(name="LayerNorm_0")(x)
     x = x + Attention(self.heads, self.head_dim, dim,
                       name="MultiHeadDotProductAttention_1")(y)
-    y = nn.LayerNorm(dtype=x.dtype, name="LayerNorm_2")(x)
+    y = LayerNorm(name="LayerNorm_2")(x)
     x = x + MlpBlock(self.mlp_dim, dim, name="MlpBlock_3")(y)
     self.sow("intermediates", "features", x)
     return x
@@ -114,7 +138,7 @@ class Encoder(nn.Module):
     for i in range(cfg.depth):
       x = EncoderBlock(cfg.heads(i), cfg.head_dim, cfg.mlp_width(i),
                        name=f"encoderblock_{i}")(x)
-    return nn.LayerNorm(name="encoder_norm", dtype=x.dtype)(x)
+    return LayerNorm(name="encoder_norm")(x)
 
 
 def patchify(images: jax.Array, patch: int) -> jax.Array:
@@ -180,7 +204,7 @@ class VisionTransformer(nn.Module):
     images = jnp.asarray(images, dtype)  # numpy input too (AQT needs JAX arrays)
     if cfg.tokenizer == "spt":
       patches = patchify(shifted_views(images, cfg.patch_size // 2), cfg.patch_size)
-      patches = nn.LayerNorm(dtype=dtype, name="embedding_norm")(patches)
+      patches = LayerNorm(name="embedding_norm")(patches)
     else:
       patches = patchify(images, cfg.patch_size)
     x = Linear(cfg.dim, name="embedding")(patches)

@@ -31,7 +31,8 @@ ATTENTION = (r"Transformer/encoderblock_\d+/MultiHeadDotProductAttention_1/.*",)
 MLP = (r"Transformer/encoderblock_\d+/MlpBlock_3/.*",)
 
 
-def _patterns(p: Patterns) -> tuple[str, ...]:
+def as_patterns(p: Patterns) -> tuple[str, ...]:
+  """A pattern or patterns as a tuple of patterns."""
   return (p,) if isinstance(p, str) else tuple(p)
 
 
@@ -124,7 +125,7 @@ def layer_transform(name: str, fn: Callable[[str, Any, Any], Any], *,
                     prepare: Callable[[Model, list[str]], Any] | None = None
                     ) -> LayerTransform:
   """Builds a LayerTransform over `layers` minus `exclude` (regex patterns)."""
-  return LayerTransform(name, fn, (_patterns(layers),), _patterns(exclude), prepare)
+  return LayerTransform(name, fn, (as_patterns(layers),), as_patterns(exclude), prepare)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,8 +161,8 @@ def only(layers: Patterns, transform: Transform, *, exclude: Patterns = ()) -> T
   """
   if isinstance(transform, LayerTransform):
     return dataclasses.replace(
-        transform, include=transform.include + (_patterns(layers),),
-        exclude=transform.exclude + _patterns(exclude))
+        transform, include=transform.include + (as_patterns(layers),),
+        exclude=transform.exclude + as_patterns(exclude))
   if isinstance(transform, Chain):
     return Chain(tuple(only(layers, t, exclude=exclude) for t in transform.transforms))
   raise TypeError(f"only() restricts layer-by-layer transforms; {transform!r} is not one")
