@@ -17,7 +17,7 @@ from vitjax import data as data_lib
 from vitjax import distill, evaluate, export, plots, recipes, sharding, survey, train
 from vitjax import model as model_lib
 from vitjax.models.config import PRESETS
-from vitjax.transforms import calibrate, lowrank, prune, quantize, structured
+from vitjax.transforms import calibrate, lowrank, prune, ptq, quantize, structured
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -47,6 +47,7 @@ WEIGHT = _number(float, 0)
 FRACTION_OPEN_TOP = _number(float, 0, 1, hi_open=True)      # [0, 1)
 FRACTION_KEPT = _number(float, 0, 1, lo_open=True)          # (0, 1]
 FRACTION_OPEN = _number(float, 0, 1, lo_open=True, hi_open=True)  # (0, 1)
+BITS = _number(int, 2, 8)
 
 # Arguments that say where a run goes or how processes meet, not what it computes.
 NOT_RUN_SETTINGS = ("func", "out", "overwrite", "coordinator", "num_processes", "process_id")
@@ -199,18 +200,50 @@ def _load_source(args: argparse.Namespace):
   return model_dir, model, dataset
 
 
+def _ptq_transform(args: argparse.Namespace, dataset: data_lib.Dataset
+                   ) -> tuple[str, Callable]:
+  """(name, transform) of a --recipe or --policy quantization."""
+  if args.policy and (args.w_bits or args.a_bits or args.layernorm_inputs):
+    raise ValueError("--w-bits, --a-bits and --layernorm-inputs go with --recipe; a "
+                     "--policy file sets its own bits")
+  if not 1 <= args.calib <= len(dataset.calibration):
+    raise ValueError(f"--calib {args.calib} is outside 1..{len(dataset.calibration)} "
+                     "(the calibration split's size)")
+  if args.exclude:
+    raise ValueError("--exclude applies to --method; with --recipe or --policy, keep "
+                     "sites float with a rule {'kind': 'float'} in a policy file")
+  calibration = dataset.calibration.take(slice(0, args.calib))
+  if args.policy:
+    policy = ptq.load_policy(args.policy)
+    name = pathlib.Path(args.policy).stem
+  else:
+    w_bits, a_bits = args.w_bits or 8, args.a_bits or 8
+    policy = ptq.recipe_policy(args.recipe, w_bits=w_bits, a_bits=a_bits,
+                               layernorm_inputs=args.layernorm_inputs)
+    name = f"{args.recipe}-w{w_bits}a{a_bits}"
+  return name, ptq.ptq(policy, calibration)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
   model_dir, model, dataset = _load_source(args)
-  out = pathlib.Path(args.out or f"{model_dir.parent}-{args.method}")
+  if args.method:
+    if args.w_bits or args.a_bits or args.layernorm_inputs:
+      raise ValueError("--w-bits, --a-bits and --layernorm-inputs go with --recipe, not "
+                       f"--method {args.method}")
+    name = args.method
+    transform = quantizer(args.method, dataset, calib=args.calib,
+                          calibrator=args.calibrator, exclude=args.exclude)
+  else:
+    name, transform = _ptq_transform(args, dataset)
+  out = pathlib.Path(args.out or f"{model_dir.parent}-{name}")
   export.check_output_path(out, args.overwrite)
-  transform = quantizer(args.method, dataset, calib=args.calib,
-                        calibrator=args.calibrator, exclude=args.exclude)
   quantized = transform(model)
   disk = export.save_model(quantized, out, overwrite=args.overwrite,
-                           metadata={"transform": args.method, "source": str(model_dir)})
+                           metadata={"transform": name, "source": str(model_dir),
+                                     "settings": vars_json(args)})
   print(f"wrote {out}")
-  _compare_and_print({"fp32": model, args.method: quantized}, dataset,
-                     {"fp32": export.disk_bytes(model_dir), args.method: disk}, "fp32")
+  _compare_and_print({"fp32": model, name: quantized}, dataset,
+                     {"fp32": export.disk_bytes(model_dir), name: disk}, "fp32")
   return 0
 
 
@@ -399,9 +432,21 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("quantize", help="quantize a saved model with AQT and compare it")
   p.add_argument("checkpoint", help="a run directory or its model/ directory")
-  p.add_argument("--method", required=True, choices=QUANT_METHODS)
+  how = p.add_mutually_exclusive_group(required=True)
+  how.add_argument("--method", choices=QUANT_METHODS,
+                   help="linear layers only: weight-only, dynamic or static int8")
+  how.add_argument("--recipe", help="every matmul's inputs and weights: one of "
+                   f"{', '.join(ptq.SITE_RECIPES)}, optionally '+gptq' (or gptq alone)")
+  how.add_argument("--policy", help="a JSON policy file (see vitjax.transforms.ptq)")
+  p.add_argument("--w-bits", type=BITS, default=None,
+                 help="weight bits of --recipe (2..8; default 8)")
+  p.add_argument("--a-bits", type=BITS, default=None,
+                 help="activation bits of --recipe (2..8; default 8)")
+  p.add_argument("--layernorm-inputs", action="store_true",
+                 help="--recipe also quantizes every LayerNorm's input")
   p.add_argument("--calib", type=POSITIVE_INT, default=1024,
-                 help="calibration images for static-int8 (from the training split)")
+                 help="calibration images for static-int8, --recipe and --policy "
+                 "(from the training split)")
   p.add_argument("--calibrator", default="percentile", choices=calibrate.CALIBRATORS)
   p.add_argument("--exclude", nargs="*", default=(),
                  help="regex patterns of layers to keep in float, e.g. embedding head")
