@@ -90,6 +90,46 @@ def test_quantize_prints_the_saved_models_figures(world, tmp_path, capsys, metho
   assert "exists; pass overwrite=True (CLI: --overwrite)" in capsys.readouterr().err
 
 
+def test_quantize_recipe_and_policy_quantize_every_matmul(world, tmp_path, capsys):
+  out = tmp_path / "r"
+  assert cli.main(["quantize", str(world / "teacher"), "--recipe", "repqvit+gptq",
+                   "--w-bits", "4", "--a-bits", "6", "--calib", "32", "--out", str(out),
+                   *_data(world)]) == 0
+  text = capsys.readouterr().out
+  model = _check_row(text, "repqvit+gptq-w4a6", out, world)
+  # Every site but the LayerNorm inputs and the GELU output (Dense_1's input
+  # quantizes that tensor).
+  assert set(model.sites) == {a for a in model_lib.site_addresses(model)
+                              if not re.search(r"(norm|LayerNorm_\d)/input$|/gelu$", a)}
+  assert {type(q).__name__ for q in model.sites.values()} == {"Uniform", "Logarithmic",
+                                                               "Operands"}
+  policy = tmp_path / "mix.json"
+  policy.write_text(json.dumps({"recipe": "minmax", "a_bits": 4, "w_bits": 4, "rules": [
+      {"pattern": ".*/softmax", "quantizer": {"kind": "twin", "bits": 4}},
+      {"pattern": ".*/pv", "quantizer": {"kind": "operands", "rhs": {"kind": "uniform",
+                                                                     "bits": 4}}}]}))
+  assert cli.main(["quantize", str(world / "teacher"), "--policy", str(policy), "--calib",
+                   "32", "--out", str(tmp_path / "p"), *_data(world)]) == 0
+  model = _check_row(capsys.readouterr().out, "mix", tmp_path / "p", world)
+  assert type(model.sites[
+      "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/softmax"]).__name__ == \
+      "TwinUniform"
+  for bad, message in (
+      (["--recipe", "minmax+fqvit"], "names two site recipes"),
+      (["--recipe", "kl"], "recipe='kl': parts must be distinct names"),
+      (["--recipe", "minmax", "--a-bits", "9"], "--a-bits: 9 is outside"),
+      (["--method", "weight-int8", "--w-bits", "4"], "go with --recipe, not --method"),
+      (["--policy", str(policy), "--a-bits", "4"], "a --policy file sets its own bits")):
+    code = None
+    try:
+      code = cli.main(["quantize", str(world / "teacher"), *bad, "--out",
+                       str(tmp_path / "bad"), *_data(world)])
+    except SystemExit as e:  # argparse refuses a bad number itself
+      code = e.code
+    assert code == 2 and message in capsys.readouterr().err, bad
+    assert not (tmp_path / "bad").exists()
+
+
 def test_prune_rerun_with_another_sparsity_never_resumes_the_old_run(world, tmp_path, capsys,
                                                                       presets):
   out = tmp_path / "p"

@@ -200,44 +200,46 @@ def _load_source(args: argparse.Namespace):
   return model_dir, model, dataset
 
 
-def _ptq_transform(args: argparse.Namespace, dataset: data_lib.Dataset
-                   ) -> tuple[str, Callable]:
-  """(name, transform) of a --recipe or --policy quantization."""
-  if args.policy and (args.w_bits or args.a_bits or args.layernorm_inputs):
-    raise ValueError("--w-bits, --a-bits and --layernorm-inputs go with --recipe; a "
-                     "--policy file sets its own bits")
-  if not 1 <= args.calib <= len(dataset.calibration):
-    raise ValueError(f"--calib {args.calib} is outside 1..{len(dataset.calibration)} "
-                     "(the calibration split's size)")
-  if args.exclude:
-    raise ValueError("--exclude applies to --method; with --recipe or --policy, keep "
-                     "sites float with a rule {'kind': 'float'} in a policy file")
-  calibration = dataset.calibration.take(slice(0, args.calib))
+def _quantize_name(args: argparse.Namespace) -> str:
+  if args.method:
+    return args.method
   if args.policy:
-    policy = ptq.load_policy(args.policy)
-    name = pathlib.Path(args.policy).stem
-  else:
-    w_bits, a_bits = args.w_bits or 8, args.a_bits or 8
-    policy = ptq.recipe_policy(args.recipe, w_bits=w_bits, a_bits=a_bits,
-                               layernorm_inputs=args.layernorm_inputs)
-    name = f"{args.recipe}-w{w_bits}a{a_bits}"
-  return name, ptq.ptq(policy, calibration)
+    return pathlib.Path(args.policy).stem
+  return f"{args.recipe}-w{args.w_bits or 8}a{args.a_bits or 8}"
 
 
-def cmd_quantize(args: argparse.Namespace) -> int:
-  model_dir, model, dataset = _load_source(args)
+def _quantize_transform(args: argparse.Namespace, dataset: data_lib.Dataset) -> Callable:
+  """The transform of --method, --recipe or --policy."""
   if args.method:
     if args.w_bits or args.a_bits or args.layernorm_inputs:
       raise ValueError("--w-bits, --a-bits and --layernorm-inputs go with --recipe, not "
                        f"--method {args.method}")
-    name = args.method
-    transform = quantizer(args.method, dataset, calib=args.calib,
-                          calibrator=args.calibrator, exclude=args.exclude)
+    return quantizer(args.method, dataset, calib=args.calib, calibrator=args.calibrator,
+                     exclude=args.exclude)
+  if args.policy and (args.w_bits or args.a_bits or args.layernorm_inputs):
+    raise ValueError("--w-bits, --a-bits and --layernorm-inputs go with --recipe; a "
+                     "--policy file sets its own bits")
+  if args.exclude:
+    raise ValueError("--exclude applies to --method; with --recipe or --policy, keep "
+                     "sites float with a rule {'kind': 'float'} in a policy file")
+  if args.policy:
+    policy = ptq.load_policy(args.policy)
   else:
-    name, transform = _ptq_transform(args, dataset)
+    policy = ptq.recipe_policy(args.recipe, w_bits=args.w_bits or 8,
+                               a_bits=args.a_bits or 8,
+                               layernorm_inputs=args.layernorm_inputs)
+  if not 1 <= args.calib <= len(dataset.calibration):
+    raise ValueError(f"--calib {args.calib} is outside 1..{len(dataset.calibration)} "
+                     "(the calibration split's size)")
+  return ptq.ptq(policy, dataset.calibration.take(slice(0, args.calib)))
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+  model_dir, model, dataset = _load_source(args)
+  name = _quantize_name(args)
   out = pathlib.Path(args.out or f"{model_dir.parent}-{name}")
   export.check_output_path(out, args.overwrite)
-  quantized = transform(model)
+  quantized = _quantize_transform(args, dataset)(model)
   disk = export.save_model(quantized, out, overwrite=args.overwrite,
                            metadata={"transform": name, "source": str(model_dir),
                                      "settings": vars_json(args)})

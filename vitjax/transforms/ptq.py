@@ -194,8 +194,9 @@ def spec_from_dict(entry: Any, where: str) -> Any:
 def load_policy(path: str | os.PathLike) -> Policy:
   """A policy from a JSON file: {"weights": "rtn"|"gptq", "reparam": bool,
   "w_bits": int, "edge_bits": int, "rules": [{"pattern": regex, "quantizer":
-  {...}} ...]} (see `spec_from_dict`; "recipe": NAME with "a_bits" starts from
-  a named recipe's rules, which the file's rules precede).
+  {...}} ...]} (see `spec_from_dict`; "recipe": NAME with "a_bits" and
+  "layernorm_inputs" starts from a named recipe's rules: the file's rules
+  come first, and replace the recipe's rule of the same pattern).
 
   Raises:
     ValueError: unreadable JSON, unknown keys, or any bad entry (named).
@@ -221,7 +222,8 @@ def load_policy(path: str | os.PathLike) -> Policy:
     named = recipe_policy(doc["recipe"], w_bits=doc.get("w_bits", 8),
                           a_bits=doc.get("a_bits", 8), edge_bits=doc.get("edge_bits", 8),
                           layernorm_inputs=doc.get("layernorm_inputs", False))
-    rules += list(named.rules)
+    own = {r.pattern for r in rules}
+    rules += [r for r in named.rules if r.pattern not in own]
     base = {"weights": named.weights, "reparam": named.reparam}
   try:
     return Policy(tuple(rules), weights=doc.get("weights", base.get("weights", "rtn")),
