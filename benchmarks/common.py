@@ -7,6 +7,7 @@ import argparse
 import json
 import pathlib
 import platform
+import statistics
 from typing import Callable
 
 import jax
@@ -16,6 +17,12 @@ from vitjax import model as model_lib
 from vitjax.models.config import PRESETS, preset
 
 Variants = Callable[[model_lib.Model], dict[str, model_lib.Model]]
+
+
+def _spread(ref: list[float], other: list[float]) -> tuple[float, float]:
+  """(min, max) over rounds of the round's ratio ref / other."""
+  ratios = [a / b for a, b in zip(ref, other)]
+  return min(ratios), max(ratios)
 
 
 def main(variants: Variants, description: str) -> dict:
@@ -35,14 +42,16 @@ def main(variants: Variants, description: str) -> dict:
     model = model_lib.init(preset(args.preset, num_classes=10), 0)
   models = variants(model)
   ref = next(iter(models))
-  lat = evaluate.side_by_side(models, 1, rounds=args.rounds, calls=20)
-  thr = evaluate.side_by_side(models, args.batch, rounds=args.rounds, calls=2)
+  lat_rounds = evaluate.round_times(models, 1, rounds=args.rounds, calls=20)
+  thr_rounds = evaluate.round_times(models, args.batch, rounds=args.rounds, calls=2)
+  lat = {k: statistics.median(v) for k, v in lat_rounds.items()}
+  thr = {k: statistics.median(v) for k, v in thr_rounds.items()}
   device = f"{jax.default_backend()} ({jax.devices()[0].device_kind}), {platform.machine()}"
   cfg = model.config
   print(f"device: {device}; model: dim {cfg.dim}, depth {cfg.depth}, patch {cfg.patch_size}, "
         f"image {cfg.image_size}")
-  print(f"| variant | bytes | params | MFLOPs/img | latency b=1 ms | speedup "
-        f"| img/s b={args.batch} | throughput ratio |")
+  print(f"| variant | bytes | params | MFLOPs/img | latency b=1 ms | speedup (min-max) "
+        f"| img/s b={args.batch} | throughput ratio (min-max) |")
   print("|---|---:|---:|---:|---:|---:|---:|---:|")
   rows = {}
   for name, m in models.items():
@@ -50,11 +59,14 @@ def main(variants: Variants, description: str) -> dict:
                   "mflops": model_lib.flops_per_image(m) / 1e6,
                   "latency_ms": lat[name] * 1e3, "speedup": lat[ref] / lat[name],
                   "throughput": args.batch / thr[name],
-                  "throughput_ratio": thr[ref] / thr[name]}
+                  "throughput_ratio": thr[ref] / thr[name],
+                  "speedup_spread": _spread(lat_rounds[ref], lat_rounds[name]),
+                  "throughput_ratio_spread": _spread(thr_rounds[ref], thr_rounds[name])}
     r = rows[name]
+    (s_lo, s_hi), (t_lo, t_hi) = r["speedup_spread"], r["throughput_ratio_spread"]
     print(f"| {name} | {r['bytes']:,} | {r['params']:,} | {r['mflops']:.1f} "
-          f"| {r['latency_ms']:.3f} | {r['speedup']:.2f}x | {r['throughput']:.0f} "
-          f"| {r['throughput_ratio']:.2f}x |")
+          f"| {r['latency_ms']:.3f} | {r['speedup']:.2f}x ({s_lo:.2f}-{s_hi:.2f}) "
+          f"| {r['throughput']:.0f} | {r['throughput_ratio']:.2f}x ({t_lo:.2f}-{t_hi:.2f}) |")
   for name, r in rows.items():
     if name == ref:
       continue

@@ -1,5 +1,8 @@
 """Latency and throughput of fp32 vs every quantized variant, side by side.
 
+`w8a8-matmuls` quantizes every matmul's inputs (linear layers, q.kT, probs.v;
+`ptq` recipe minmax) and `w8a8-all-sites` the LayerNorm inputs as well.
+
     .venv/bin/python benchmarks/quantization.py [--checkpoint checkpoints/teacher]
                                                [--preset tiny] [--out FILE.json]
 
@@ -15,20 +18,26 @@ from __future__ import annotations
 import numpy as np
 
 import common
+from vitjax import data as data_lib
 from vitjax import model as model_lib
-from vitjax.transforms import quantize
+from vitjax.transforms import ptq, quantize
 
 
 def variants(model: model_lib.Model) -> dict[str, model_lib.Model]:
   cfg = model.config
   calib = np.random.default_rng(0).integers(
       0, 256, (256, cfg.image_size, cfg.image_size, cfg.channels)).astype(np.uint8)
+  # Random images stand in for training images: speed does not depend on them.
+  calib_split = data_lib.Split(calib[:64], np.zeros(64, np.int32), origin="train")
   return {
       "fp32": model,
       "weight-int8": quantize.weight_only(8)(model),
       "weight-int4": quantize.weight_only(4)(model),
       "dynamic-int8": quantize.dynamic_int8()(model),
       "static-int8": quantize.static_int8(calib, progress=False)(model),
+      "w8a8-matmuls": ptq.quantize_model(model, "minmax", calib_split, progress=False),
+      "w8a8-all-sites": ptq.quantize_model(model, "minmax", calib_split,
+                                           layernorm_inputs=True, progress=False),
   }
 
 

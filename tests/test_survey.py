@@ -77,6 +77,7 @@ def test_survey_writes_every_method_with_consistent_figures(tmp_path):
   # Accuracy of every compressed model against its own source: quantizing or
   # pruning this learnable task lightly keeps it within a few points.
   for name, source in (("dynamic-int8", "teacher"), ("static-int8", "teacher"),
+                       ("w8a8-all-sites", "teacher"), ("w6a6", "teacher"),
                        ("prune-50%+int8", "prune-50%"), ("student+int8", "student")):
     assert abs(rows[name]["accuracy"] - rows[source]["accuracy"]) < 8, name
   # The direction the survey reports, which no wrong size accounting would give:

@@ -54,14 +54,12 @@ def forward_fn(model: Model, batch: int) -> Callable[[], jax.Array]:
   return lambda: _predict(model, images)
 
 
-def side_by_side(models: dict[str, Model], batch: int, *, rounds: int = 5,
-                 calls: int = 5) -> dict[str, float]:
-  """Median seconds per batch-`batch` forward of each model, timed round-robin.
-
-  Every round times `calls` calls of each model in turn, so slow drift of the
-  machine (other load, frequency) hits all models alike; the result is the
-  median over rounds of the mean call time.
-  """
+def round_times(models: dict[str, Model], batch: int, *, rounds: int = 5,
+                calls: int = 5) -> dict[str, list[float]]:
+  """Seconds per batch-`batch` forward of each model in every round, timed
+  round-robin: every round times `calls` calls of each model in turn (after a
+  warm-up), so slow drift of the machine (other load, frequency) hits all
+  models alike."""
   fns = {name: forward_fn(m, batch) for name, m in models.items()}
   for fn in fns.values():
     for _ in range(3):
@@ -73,7 +71,14 @@ def side_by_side(models: dict[str, Model], batch: int, *, rounds: int = 5,
       for _ in range(calls):
         jax.block_until_ready(fn())
       samples[name].append((time.perf_counter() - t) / calls)
-  return {name: statistics.median(v) for name, v in samples.items()}
+  return samples
+
+
+def side_by_side(models: dict[str, Model], batch: int, *, rounds: int = 5,
+                 calls: int = 5) -> dict[str, float]:
+  """Median over rounds of `round_times`: seconds per batch-`batch` forward."""
+  times = round_times(models, batch, rounds=rounds, calls=calls)
+  return {name: statistics.median(v) for name, v in times.items()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -243,15 +243,18 @@ def array_bits(arr: Any) -> int:
 
 def param_count(model: Model) -> int:
   """Values the model really holds: int8 and float alike, quantization scales
-  included, pruned (masked-out) weights and masks excluded."""
+  (of weights and of activation sites) included, pruned (masked-out) weights
+  and masks excluded."""
   return sum(leaves.value_count(leaf) for leaf in jax.tree_util.tree_leaves(
-      model.params, is_leaf=leaves.is_compressed))
+      model.params, is_leaf=leaves.is_compressed)) + sum(
+          int(np.size(a)) for a in jax.tree_util.tree_leaves(model.sites))
 
 
 def stored_bytes(model: Model) -> int:
-  """Bytes of the parameter arrays as a vitjax checkpoint stores them."""
+  """Bytes of the parameter and site-quantizer arrays as a vitjax checkpoint
+  stores them."""
   bits = sum(int(np.prod(a.shape)) * array_bits(a)
-             for a in jax.tree_util.tree_leaves(model.params))
+             for a in jax.tree_util.tree_leaves((model.params, model.sites)))
   return math.ceil(bits / 8)
 
 

@@ -28,7 +28,7 @@ from vitjax import distill, evaluate, export, plots, recipes
 from vitjax import model as model_lib
 from vitjax import progress as progress_lib
 from vitjax.model import Model
-from vitjax.transforms import lowrank, prune, quantize, structured
+from vitjax.transforms import lowrank, prune, ptq, quantize, structured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,9 @@ class Settings:
     finetune_steps: steps of fine-tuning after pruning, low-rank and QAT.
     student_epochs: distillation epochs of the student.
     teacher_epochs: None: the preset's recipe.
-    calibration: images for static quantization.
+    calibration: images for static quantization and the PTQ recipes.
+    ptq_w6a6, ptq_w4a4: the PTQ recipes (`vitjax.transforms.ptq`) of the W6A6
+      and W4A4 rows, chosen on validation by experiments/ptq_table.py.
     train_images: train everything on the first this many training images
       (None: all of them).
     test_images: measure on the first this many test images (None: all).
@@ -52,6 +54,8 @@ class Settings:
   student_epochs: float | None = None
   teacher_epochs: float | None = None
   calibration: int = 512
+  ptq_w6a6: str = "minmax"
+  ptq_w4a4: str = "minmax"
   train_images: int | None = None
   test_images: int | None = None
   quick: bool = False
@@ -116,6 +120,13 @@ def _student(ctx: Context, _: dict[str, Model]) -> Model:
                              progress=ctx.progress)
 
 
+def _ptq(ctx: Context, model: Model, recipe: str, bits: int,
+         layernorm_inputs: bool = False) -> Model:
+  calibration = ctx.dataset.calibration.take(slice(0, ctx.settings.calibration))
+  return ptq.quantize_model(model, recipe, calibration, w_bits=bits, a_bits=bits,
+                            layernorm_inputs=layernorm_inputs, progress=ctx.progress)
+
+
 def _static_int8(ctx: Context, model: Model) -> Model:
   calib = ctx.dataset.calibration.images[:ctx.settings.calibration]
   return quantize.static_int8(calib, progress=ctx.progress)(model)
@@ -146,6 +157,17 @@ METHODS: list[Method] = [
     Method("static-int8", "quantization",
            lambda ctx, src: _static_int8(ctx, src["teacher"]), ("teacher",),
            "W8A8 PTQ, activation scales from 99.99th-percentile calibration"),
+    Method("w8a8-all-sites", "quantization",
+           lambda ctx, src: _ptq(ctx, src["teacher"], "minmax", 8, layernorm_inputs=True),
+           ("teacher",), "W8A8 at every site: linear inputs, q.kT and probs.v as integer "
+           "dots, LayerNorm inputs; minmax"),
+    Method("w6a6", "quantization",
+           lambda ctx, src: _ptq(ctx, src["teacher"], ctx.settings.ptq_w6a6, 6),
+           ("teacher",), "W6A6 over every matmul (weights and both operands), the "
+           "validation-chosen recipe"),
+    Method("w4a4", "quantization",
+           lambda ctx, src: _ptq(ctx, src["teacher"], ctx.settings.ptq_w4a4, 4),
+           ("teacher",), "W4A4 over every matmul, the validation-chosen recipe"),
     Method("weight-int4", "quantization",
            lambda ctx, src: quantize.weight_only(4)(src["teacher"]), ("teacher",),
            "int4 weights (packed), float activations, no training"),

@@ -8,8 +8,10 @@ to AQT for real integer matmuls (`integer.py`).
 """
 
 from vitjax.quantizers.logarithmic import Logarithmic, LogarithmicSpec, fit_logarithmic
-from vitjax.quantizers.power_of_two import PowerOfTwoFactor, PowerOfTwoSpec, fit_power_of_two
-from vitjax.quantizers.twin_uniform import TwinUniform, TwinUniformSpec, fit_twin_uniform
+from vitjax.quantizers.power_of_two import (PowerOfTwoFactor, PowerOfTwoSpec,
+                                            fit_power_of_two)
+from vitjax.quantizers.twin_uniform import (TwinUniform, TwinUniformSpec,
+                                            fit_twin_uniform)
 from vitjax.quantizers.uniform import (Operands, OperandsSpec, Uniform, UniformSpec,
                                        fit_uniform)
 

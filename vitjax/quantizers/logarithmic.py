@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitjax.quantizers.uniform import check_bits, check_samples
 from vitjax.storable import register_storable
-from vitjax.quantizers.uniform import check_bits
 
 Base = Literal["2", "sqrt2"]
 BASES = {"2": 2.0, "sqrt2": math.sqrt(2.0)}
@@ -83,11 +83,7 @@ def fit_logarithmic(samples: np.ndarray, *, bits: int = 4, base: Base = "2",
   check_bits(bits)
   if base not in BASES:
     raise ValueError(f"base={base!r}; choose one of {tuple(BASES)}")
-  x = np.asarray(samples, np.float64)
-  if x.size == 0:
-    raise ValueError("no calibration samples to fit a quantizer to")
-  if not np.isfinite(x).all():
-    raise ValueError(f"calibration samples of {site} hold NaN or inf")
+  x = check_samples(samples, site)
   if x.min() < 0:
     raise ValueError(f"a log2 quantizer needs non-negative values, but {site} has values "
                      f"down to {x.min():.4g}; use it on post-softmax sites only")

@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitjax.quantizers.uniform import check_bits, check_samples, qmax
 from vitjax.storable import register_storable
-from vitjax.quantizers.uniform import check_bits
-from vitjax.quantizers.uniform import qmax
 
 
 @register_storable
@@ -65,11 +64,7 @@ def fit_power_of_two(samples: np.ndarray, *, bits: int = 8,
   check_bits(bits)
   if not 0 <= max_factor <= 7:
     raise ValueError(f"max_factor={max_factor} is outside 0..7")
-  x = np.asarray(samples, np.float64)
-  if x.size == 0:
-    raise ValueError("no calibration samples to fit a quantizer to")
-  if not np.isfinite(x).all():
-    raise ValueError("calibration samples hold NaN or inf")
+  x = check_samples(samples)
   rows = x.reshape(-1, x.shape[-1])
   shift = -(rows.min() + rows.max()) / 2
   rows = rows + shift

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitjax.quantizers.uniform import check_bits, check_samples
 from vitjax.storable import register_storable
-from vitjax.quantizers.uniform import check_bits
 
 Mode = Literal["softmax", "gelu"]
 MODES = ("softmax", "gelu")
@@ -93,11 +93,7 @@ def fit_twin_uniform(samples: np.ndarray, *, bits: int = 8, mode: Mode = "softma
   check_bits(bits)
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}; choose one of {MODES}")
-  x = np.asarray(samples, np.float64).reshape(-1)
-  if x.size == 0:
-    raise ValueError("no calibration samples to fit a quantizer to")
-  if not np.isfinite(x).all():
-    raise ValueError("calibration samples hold NaN or inf")
+  x = check_samples(samples).reshape(-1)
   if mode == "softmax" and x.min() < 0:
     raise ValueError(f"twin-uniform softmax mode needs non-negative values, got {x.min():.4g}")
   w = np.ones_like(x) if weights is None else np.asarray(weights, np.float64).reshape(-1)

@@ -32,8 +32,8 @@ from aqt.jax.v2 import aqt_tensor
 from aqt.jax.v2 import config as aqt_config
 from jax import lax
 
-from vitjax.storable import register_storable
 from vitjax.quantizers.histogram import Histogram, choose_bound
+from vitjax.storable import register_storable
 
 Granularity = Literal["tensor", "channel", "token"]
 GRANULARITIES: tuple[str, ...] = typing.get_args(Granularity)
@@ -46,6 +46,17 @@ def check_bits(bits: int, name: str = "bits") -> int:
   if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
     raise ValueError(f"{name}={bits!r} is outside the supported range 2..8")
   return bits
+
+
+def check_samples(samples: np.ndarray, site: str = "this site") -> np.ndarray:
+  """`samples` as a float64 array; raises ValueError if it is empty or holds
+  NaN/inf (naming `site`)."""
+  x = np.asarray(samples, np.float64)
+  if x.size == 0:
+    raise ValueError(f"no calibration samples of {site} to fit a quantizer to")
+  if not np.isfinite(x).all():
+    raise ValueError(f"calibration samples of {site} hold NaN or inf")
+  return x
 
 
 def qmax(bits: int) -> int:
@@ -213,11 +224,7 @@ def fit_uniform(samples: np.ndarray, *, bits: int = 8, method: Method = "minmax"
     raise ValueError(f"granularity={granularity!r}; choose one of {GRANULARITIES}")
   if not 0 < percentile <= 100:
     raise ValueError(f"percentile={percentile} is outside (0, 100]")
-  x = np.asarray(samples, np.float64)
-  if x.size == 0:
-    raise ValueError("no calibration samples to fit a quantizer to")
-  if not np.isfinite(x).all():
-    raise ValueError("calibration samples hold NaN or inf")
+  x = check_samples(samples)
   rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
   if granularity == "token":
     return Uniform(None, None, bits)

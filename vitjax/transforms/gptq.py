@@ -21,7 +21,6 @@ round-to-nearest produces, only with better-chosen integers.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -98,19 +97,23 @@ def gptq_quantize(w: jax.Array, hessian: jax.Array, *, bits: int, block_size: in
 
 def quantized_leaf(codes: jax.Array, scale: jax.Array, bits: int) -> QuantizedWeight:
   """The `QuantizedWeight` (float activations) holding integer `codes` (in, out)."""
-  dtype = jnp.int4 if bits <= 4 else jnp.int8
+  dtype = jnp.int4 if bits == 4 else jnp.int8  # as AQT stores them
   qt = aqt_tensor.QTensor(qvalue=codes.astype(dtype), scale=[scale[None, :]],
                           scale_t=None, bias=[], dequant_dtype=jnp.float32)
   return QuantizedWeight(qt, bits=bits, activations="float")
 
 
-def _hessian_fn(config: Any, layer: str):
+def _hessians_fn(config: Any, layers: list[str]):
+  """jit: (model, images) -> {layer: X^T X of its inputs} for `layers`."""
   @jax.jit
-  def hessian(m: Model, images: jax.Array) -> jax.Array:
-    x = model_lib.linear_inputs(m, preprocess(images, config))[layer]
-    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    return 2.0 * rows.T @ rows
-  return hessian
+  def hessians(m: Model, images: jax.Array) -> dict[str, jax.Array]:
+    inputs = model_lib.linear_inputs(m, preprocess(images, config))
+    out = {}
+    for layer in layers:
+      rows = inputs[layer].reshape(-1, inputs[layer].shape[-1]).astype(jnp.float32)
+      out[layer] = 2.0 * rows.T @ rows
+    return out
+  return hessians
 
 
 def _input_group(layer: str) -> str:
@@ -148,22 +151,27 @@ def gptq(calibration: Any, *, bits: int = 4, block_size: int = 128, damp: float 
         raise ValueError(f"gptq quantizes float weights; layer {layer} holds a "
                          f"{type(w).__name__}")
     images = calibration.images
+    batches = range(0, len(images), batch_size)
+    hessians_of = _hessians_fn(model.config, chosen)
+    # The sequential pass holds each quantized weight as the float codes *
+    # scale it stands for, so the tree keeps its structure and the Hessian
+    # function compiles once; the int leaves replace them at the end.
+    current, leaves_out = model, {}
     bar = progress_lib.bar(len(chosen), f"gptq w{bits}", enabled=progress)
-    group, h = None, None
+    group, hessians = None, None
     for layer in chosen:
       if _input_group(layer) != group:  # query, key and value share their input
         group = _input_group(layer)
-        hessian_of = _hessian_fn(model.config, layer)
-        h = sum(hessian_of(model, images[s:s + batch_size])
-                for s in range(0, len(images), batch_size))
-        h = h / math.ceil(len(images) / batch_size)
+        parts = [hessians_of(current, images[s:s + batch_size]) for s in batches]
+        hessians = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
       w = select.get_kernel(model.params, layer)
-      codes, scale = gptq_quantize(w, h, bits=bits, block_size=block_size, damp=damp,
-                                   act_order=act_order)
-      model = model.replace(params=select.set_kernels(
-          model.params, {layer: quantized_leaf(codes, scale, bits)}))
+      codes, scale = gptq_quantize(w, hessians[layer], bits=bits, block_size=block_size,
+                                   damp=damp, act_order=act_order)
+      leaves_out[layer] = quantized_leaf(codes, scale, bits)
+      current = current.replace(params=select.set_kernels(
+          current.params, {layer: (codes * scale[None, :]).astype(w.dtype)}))
       bar.update(1)
     bar.close()
-    return model
+    return model.replace(params=select.set_kernels(model.params, leaves_out))
 
   return transform
