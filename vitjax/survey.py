@@ -42,7 +42,8 @@ class Settings:
     teacher_epochs: None: the preset's recipe.
     calibration: images for static quantization and the PTQ recipes.
     ptq_w6a6, ptq_w4a4: the PTQ recipes (`vitjax.transforms.ptq`) of the W6A6
-      and W4A4 rows, chosen on validation by experiments/ptq_table.py.
+      and W4A4 rows: the teacher's validation winners in
+      experiments/ptq_table.py (2026-11-25).
     train_images: train everything on the first this many training images
       (None: all of them).
     test_images: measure on the first this many test images (None: all).
@@ -54,8 +55,8 @@ class Settings:
   student_epochs: float | None = None
   teacher_epochs: float | None = None
   calibration: int = 512
-  ptq_w6a6: str = "minmax"
-  ptq_w4a4: str = "minmax"
+  ptq_w6a6: str = "repqvit+gptq"
+  ptq_w4a4: str = "repqvit"
   train_images: int | None = None
   test_images: int | None = None
   quick: bool = False
@@ -163,11 +164,12 @@ METHODS: list[Method] = [
            "dots, LayerNorm inputs; minmax"),
     Method("w6a6", "quantization",
            lambda ctx, src: _ptq(ctx, src["teacher"], ctx.settings.ptq_w6a6, 6),
-           ("teacher",), "W6A6 over every matmul (weights and both operands), the "
-           "validation-chosen recipe"),
+           ("teacher",), "W6A6 over every matmul (weights and both operands), recipe "
+           "Settings.ptq_w6a6 (repqvit+gptq, chosen on validation)"),
     Method("w4a4", "quantization",
            lambda ctx, src: _ptq(ctx, src["teacher"], ctx.settings.ptq_w4a4, 4),
-           ("teacher",), "W4A4 over every matmul, the validation-chosen recipe"),
+           ("teacher",), "W4A4 over every matmul, recipe Settings.ptq_w4a4 (repqvit, chosen "
+           "on validation)"),
     Method("weight-int4", "quantization",
            lambda ctx, src: quantize.weight_only(4)(src["teacher"]), ("teacher",),
            "int4 weights (packed), float activations, no training"),

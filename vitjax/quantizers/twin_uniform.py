@@ -81,10 +81,11 @@ class TwinUniform:
 
 def fit_twin_uniform(samples: np.ndarray, *, bits: int = 8, mode: Mode = "softmax",
                      weights: np.ndarray | None = None, max_shift: int = 12,
-                     grid: int = 24) -> TwinUniform:
+                     grid: int = 24, max_values: int = 1 << 16) -> TwinUniform:
   """The twin-uniform quantizer with the smallest weighted squared error on
   `samples`; `weights` (same shape, e.g. squared loss gradients) weight each
-  value's error (default: all 1).
+  value's error (default: all 1). Past `max_values` values, the search scores
+  a fixed random subset of them that keeps the smallest and largest.
 
   Raises:
     ValueError: bits outside 2..8, unknown mode, no samples, NaN/inf, a
@@ -99,6 +100,10 @@ def fit_twin_uniform(samples: np.ndarray, *, bits: int = 8, mode: Mode = "softma
   w = np.ones_like(x) if weights is None else np.asarray(weights, np.float64).reshape(-1)
   if w.shape != x.shape:
     raise ValueError(f"weights hold {w.size} values, the samples {x.size}")
+  if x.size > max_values:  # the search scores a fixed random subset (and the extremes)
+    keep = np.random.default_rng(0).choice(x.size, max_values, replace=False)
+    keep[:2] = np.argmin(x), np.argmax(x)
+    x, w = x[keep], w[keep]
   half = 2 ** (bits - 1)
   top = max(float(x.max()), 1e-12)
   best, best_err = None, np.inf
