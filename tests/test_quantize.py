@@ -13,12 +13,24 @@ from vitjax import model as model_lib
 from vitjax.leaves import FakeQuantWeight, QuantizedWeight
 from vitjax.leaves.quantized import quantize_per_channel
 from vitjax.models.inputs import preprocess
-from vitjax.transforms import calibrate, chain, only
+from vitjax import data
+from vitjax.quantizers import histogram
+from vitjax.quantizers.uniform import fit_uniform
+from vitjax.transforms import chain, only, site_calibration
 from vitjax.transforms import quantize as q
 
 
 def _noisy_model(seed=0):
   return noisy_model(TINY, seed, scale=0.2)
+
+
+def _calibration(n, seed=0):
+  split = synthetic_split(n, seed=seed)
+  return data.Split(split.images, split.labels, "train")
+
+
+def _site(model, layer):
+  return model.sites[layer + "/input"]
 
 
 def _images(n=6, seed=0):
@@ -147,38 +159,47 @@ def test_layer_patterns_keep_embedding_and_head_in_float():
 
 def test_histogram_calibrators_pick_the_expected_bounds():
   x = np.random.default_rng(0).normal(size=1_000_000)
-  hist = calibrate.Histogram.of(x)
-  assert calibrate.choose_bound(hist, "minmax") == pytest.approx(np.abs(x).max())
+  hist = histogram.Histogram.of(x)
+  assert histogram.choose_bound(hist, "minmax") == pytest.approx(np.abs(x).max())
   # P(|x| > 3.89) = 1e-4 for a standard normal.
-  assert calibrate.choose_bound(hist, "percentile", percentile=99.99) == pytest.approx(3.89, abs=0.05)
+  assert histogram.choose_bound(hist, "percentile", percentile=99.99) == pytest.approx(3.89, abs=0.05)
   # The MSE-optimal 8-bit clip of a Gaussian is about 3.9 sigma (Banner et al., ACIQ),
   # for 4 bits about 2.55 sigma.
-  assert calibrate.choose_bound(hist, "mse", bits=8) == pytest.approx(3.9, abs=0.25)
-  assert calibrate.choose_bound(hist, "mse", bits=4) == pytest.approx(2.55, abs=0.15)
+  assert histogram.choose_bound(hist, "mse", bits=8) == pytest.approx(3.9, abs=0.25)
+  assert histogram.choose_bound(hist, "mse", bits=4) == pytest.approx(2.55, abs=0.15)
   outliers = np.concatenate([np.random.default_rng(1).uniform(-1, 1, 100_000), [40.0]])
-  hist = calibrate.Histogram.of(outliers)
-  assert calibrate.choose_bound(hist, "minmax") == 40.0
-  assert calibrate.choose_bound(hist, "percentile", percentile=99.9) == pytest.approx(1.0, abs=0.03)
+  hist = histogram.Histogram.of(outliers)
+  assert histogram.choose_bound(hist, "minmax") == 40.0
+  assert histogram.choose_bound(hist, "percentile", percentile=99.9) == pytest.approx(1.0, abs=0.03)
 
 
 def test_static_calibration_records_ranges_and_shifts_skewed_inputs():
   m = _noisy_model()
-  calib = synthetic_split(64).images
+  calib = _calibration(64)
   layers = ["Transformer/encoderblock_0/MlpBlock_3/Dense_1", "embedding"]
-  stats = calibrate.collect(m, calib, layers, progress=False)
-  x = model_lib.linear_inputs(m, preprocess(jnp.asarray(calib), TINY))
+  samples = site_calibration.record(m, calib, [f"{k}/input" for k in layers],
+                                    progress=False)
+  x = model_lib.linear_inputs(m, preprocess(jnp.asarray(calib.images), TINY))
   gelu_in = np.asarray(x[layers[0]])
-  assert stats[layers[0]].lo == pytest.approx(gelu_in.min(), rel=1e-5)
-  assert stats[layers[0]].hi == pytest.approx(gelu_in.max(), rel=1e-5)
-  assert stats[layers[0]].shift == pytest.approx(-(gelu_in.min() + gelu_in.max()) / 2)
-  assert stats[layers[0]].hist.counts.sum() == gelu_in.size
+  rows = samples[layers[0] + "/input"].values
+  flat = gelu_in.reshape(-1, gelu_in.shape[-1])
+  np.testing.assert_allclose(rows[-2], flat.min(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(rows[-1], flat.max(0), rtol=1e-5, atol=1e-6)
   static = q.static_int8(calib, progress=False)(m)
   leaf = dict(model_lib.weight_leaves(static.params))[layers[0] + "/kernel"]
-  assert leaf.activations == "static" and leaf.act_shift is not None
+  assert isinstance(leaf, QuantizedWeight) and leaf.activations == "float"
+  # Calibrated on the model as served: int8 weights, float activations.
+  x = model_lib.linear_inputs(static.replace(sites={}),
+                              preprocess(jnp.asarray(calib.images), TINY))
+  gelu_in = np.asarray(x[layers[0]])
+  # Post-GELU inputs are skewed: shifted; the patch embedding's are not.
+  assert _site(static, layers[0]).shift is not None
+  assert float(_site(static, layers[0]).shift) == pytest.approx(
+      -(gelu_in.min() + gelu_in.max()) / 2, rel=1e-5)
   sym = q.static_int8(calib, symmetric=True, calibrator="minmax", progress=False)(m)
-  leaf = dict(model_lib.weight_leaves(sym.params))[layers[0] + "/kernel"]
-  assert leaf.act_shift is None
-  assert float(leaf.act_scale) == pytest.approx(np.abs(gelu_in).max() / 127.5, rel=1e-3)
+  site = _site(sym, layers[0])
+  assert site.shift is None
+  assert float(site.scale) == pytest.approx(np.abs(gelu_in).max() / 127, rel=1e-5)
 
 
 def test_qat_gradient_is_the_straight_through_gradient():
@@ -253,17 +274,20 @@ def test_bits_outside_2_to_8_are_refused(bits):
 
 
 def test_bad_calibration_sets_are_refused():
+  empty = data.Split(np.zeros((0, 8, 8, 1), np.uint8), np.zeros(0, np.int32), "train")
   with pytest.raises(ValueError, match="calibration set is empty"):
-    q.static_int8(np.zeros((0, 8, 8, 1), np.uint8))
+    q.static_int8(empty)
   bad = np.zeros((4, 8, 8, 1), np.float32)
   bad[1, 2, 3, 0] = np.nan
-  with pytest.raises(ValueError, match="calibration set holds NaN or inf"):
-    q.static_int8(bad)
+  with pytest.raises(ValueError, match="calibration images hold NaN or inf"):
+    q.static_int8(data.Split(bad, np.zeros(4, np.int32), "train"))
   bad[1, 2, 3, 0] = np.inf
-  with pytest.raises(ValueError, match="calibration set holds NaN or inf"):
-    q.static_int8(bad)
-  with pytest.raises(ValueError, match="calibrator='kl'"):
-    q.static_int8(np.zeros((4, 8, 8, 1), np.uint8), calibrator="kl")
+  with pytest.raises(ValueError, match="calibration images hold NaN or inf"):
+    q.static_int8(data.Split(bad, np.zeros(4, np.int32), "train"))
+  with pytest.raises(ValueError, match="method='kl'"):
+    q.static_int8(_calibration(4), calibrator="kl")
+  with pytest.raises(ValueError, match="origin is 'test'"):
+    q.static_int8(data.Split(bad, np.zeros(4, np.int32), "test"))
 
 
 def test_pattern_that_matches_nothing_is_refused():
@@ -350,67 +374,66 @@ def test_convert_qat_without_activation_bits_is_weight_only_and_exact():
 
 def test_asymmetric_static_calibration_sets_shift_and_scale_from_the_data():
   m = _noisy_model()
-  calib = synthetic_split(48).images
+  calib = _calibration(48)
   static = q.static_int8(calib, symmetric=False, calibrator="minmax", progress=False)(m)
-  inputs = model_lib.linear_inputs(m, preprocess(jnp.asarray(calib), TINY))
+  # Each site calibrated on the model as served: int8 weights, float inputs.
+  inputs = model_lib.linear_inputs(static.replace(sites={}),
+                                   preprocess(jnp.asarray(calib.images), TINY))
   x = np.asarray(_images())
   for layer, xin in inputs.items():
     xin = np.asarray(xin, np.float64)
     lo, hi = xin.min(), xin.max()
-    leaf = dict(model_lib.weight_leaves(static.params))[layer + "/kernel"]
-    assert float(leaf.act_shift) == pytest.approx(-(lo + hi) / 2, rel=1e-5, abs=1e-6)
-    assert float(leaf.act_scale) == pytest.approx((hi - lo) / 2 / 127.5, rel=1e-4)
-  # The whole model against a NumPy integer reference of one layer's path.
+    site = _site(static, layer)
+    assert float(site.shift) == pytest.approx(-(lo + hi) / 2, rel=1e-5, abs=1e-6)
+    assert float(site.scale) == pytest.approx((hi - lo) / 2 / 127, rel=1e-4)
+  # One layer of the whole model against a NumPy integer reference.
   layer = "Transformer/encoderblock_0/MlpBlock_3/Dense_1"
   leaf = dict(model_lib.weight_leaves(static.params))[layer + "/kernel"]
+  site = _site(static, layer)
   xin = np.asarray(model_lib.linear_inputs(m, preprocess(jnp.asarray(x), TINY))[layer])
-  s, shift = np.float32(leaf.act_scale), np.float32(leaf.act_shift)
+  s, shift = np.float32(site.scale), np.float32(site.shift)
   xq = np.clip(np.round((xin + shift) / s), -127, 127).astype(np.int32)
   wq = np.asarray(leaf.qt.qvalue).astype(np.int32)
   sw = np.asarray(leaf.qt.scale[0])
   want = (xq.reshape(-1, xq.shape[-1]) @ wq).astype(np.float32) * s * sw - \
       shift * (wq.sum(0) * sw[0])
-  got = np.asarray(jax.jit(leaves.matmul)(jnp.asarray(xin), leaf)).reshape(want.shape)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  got = np.asarray(jax.jit(lambda a: leaves.linear(a, leaf, None, site))(jnp.asarray(xin)))
+  np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-4)
 
 
-def test_collect_then_calibrators_match_numpy_end_to_end():
-  """The jitted `collect` over batches, then each calibrator, against NumPy on
+def test_recorded_samples_then_calibrators_match_numpy_end_to_end():
+  """Site calibration over batches, then each calibrator, against NumPy on
   the same activations."""
   m = _noisy_model(1)
-  calib = synthetic_split(80, seed=3).images
+  calib = _calibration(80, seed=3)
   layer = "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query"
-  stats = calibrate.collect(m, calib, [layer], symmetric=True, batch_size=32,
-                            progress=False)[layer]
-  xin = np.asarray(model_lib.linear_inputs(m, preprocess(jnp.asarray(calib), TINY))[layer],
-                   np.float64).reshape(-1)
+  xin = np.asarray(model_lib.linear_inputs(m, preprocess(jnp.asarray(calib.images), TINY))[
+      layer], np.float64).reshape(-1)
+  samples = site_calibration.record(m, calib, [layer + "/input"], batch_size=32,
+                                    max_rows=10 ** 6, progress=False)[layer + "/input"]
+  # Every row once (sampling without replacement), then the channel extremes.
+  assert samples.values.shape[0] == len(xin) // 16 + 2
+  np.testing.assert_allclose(np.sort(samples.values[:-2].reshape(-1)), np.sort(xin),
+                             rtol=1e-5, atol=1e-6)
   mags = np.abs(xin)
-  assert stats.lo == pytest.approx(xin.min(), rel=1e-5)
-  assert stats.hi == pytest.approx(xin.max(), rel=1e-5)
-  assert stats.hist.hi == pytest.approx(mags.max(), rel=1e-5)
-  want_counts, _ = np.histogram(mags, bins=calibrate.BINS, range=(0, stats.hist.hi))
-  # Values on a bin edge may fall either side in float32 vs float64.
-  assert np.abs(stats.hist.counts - want_counts).sum() <= 0.002 * len(mags)
-  width = stats.hist.hi / calibrate.BINS
-  assert calibrate.choose_bound(stats.hist, "minmax") == pytest.approx(mags.max(), rel=1e-5)
-  bound = calibrate.choose_bound(stats.hist, "percentile", percentile=99.0)
-  assert abs(bound - np.percentile(mags, 99.0)) <= 2 * width
-  # MSE: the chosen bound's real 8-bit error on these activations is within 2%
-  # of the best bound on a fine grid.
+  assert float(fit_uniform(samples.values, method="minmax").scale) == pytest.approx(
+      mags.max() / 127, rel=1e-5)
+  assert float(fit_uniform(samples.values, method="percentile", percentile=99.0).scale) * 127 \
+      == pytest.approx(np.percentile(np.abs(samples.values), 99.0), rel=1e-6)
+  # MSE and OMSE: the chosen bound's real 8-bit error on these activations is
+  # within 3% of the best bound on a fine grid.
   def error(c):
-    step = c / calibrate.quant_bound(8)
+    step = c / 127
     return np.mean((np.clip(np.round(xin / step), -127, 127) * step - xin) ** 2)
   grid = np.linspace(mags.max() / 16, mags.max(), 400)
   best = min(error(c) for c in grid)
-  assert error(calibrate.choose_bound(stats.hist, "mse", bits=8)) <= 1.02 * best + 1e-12
-  # Shifted (asymmetric): the histogram is of |x + shift|, shift centring the range.
-  shifted = calibrate.collect(m, calib, [layer], symmetric=False, batch_size=32,
-                              progress=False)[layer]
-  assert shifted.shift == pytest.approx(-(xin.min() + xin.max()) / 2, rel=1e-5, abs=1e-7)
-  mags = np.abs(xin + shifted.shift)
-  assert shifted.hist.hi == pytest.approx(mags.max(), rel=1e-5)
-  want_counts, _ = np.histogram(mags, bins=calibrate.BINS, range=(0, shifted.hist.hi))
-  assert np.abs(shifted.hist.counts - want_counts).sum() <= 0.002 * len(mags)
+  for method in ("mse", "omse"):
+    bound = float(fit_uniform(samples.values, method=method).scale) * 127
+    assert error(bound) <= 1.03 * best + 1e-12, method
+  # Shifted (asymmetric): the shift centres the range.
+  shifted = fit_uniform(samples.values, symmetric=False)
+  assert float(shifted.shift) == pytest.approx(-(xin.min() + xin.max()) / 2, rel=1e-5,
+                                               abs=1e-7)
 
 
 def test_selections_that_compress_nothing_are_errors():

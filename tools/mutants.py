@@ -13,9 +13,13 @@ passes "survives".
                                                     # older commit, for before/after)
 
 Prints one line per mutant and the count killed / total. The first 22
-snippets exist in the code before and after the test-strength work of
-2026-11-25, so the same mutants score both; the "new check:" ones break checks
-added then, and are skipped in a tree without them. `--match TEXT` runs only
+mutants were written for the code before the test-strength work of
+2026-11-25 and scored it before and after; since the whole-ViT quantization
+work three of them follow the code they mutate (the calibration shift, the
+masked forward pass) or were replaced (the histogram of the unshifted input,
+whose code is gone, by the Hessian weights of site calibration). The "new
+check:" ones break checks added on 2026-11-25, and are skipped in a tree
+without them. `--match TEXT` runs only
 the mutants whose name contains TEXT.
 """
 
@@ -59,14 +63,14 @@ MUTANTS: list[tuple[str, str, str]] = [
      "if hashlib.sha256(buffers[name].tobytes()).hexdigest() != digest:",
      "if False:"),
     ("calibrate: shift of a quarter range",
-     "shift[k] = -(lo[k] + hi[k]) / 2 if use_shift else 0.0",
-     "shift[k] = -(lo[k] + hi[k]) / 4 if use_shift else 0.0"),
+     "shift = 0.0 if symmetric else -(lo + hi) / 2\n",
+     "shift = 0.0 if symmetric else -(lo + hi) / 4\n"),
     ("calibrate: percentile off by a bin",
      "return float(edges[min(i, len(hist.counts) - 1) + 1])",
      "return float(edges[min(i + 1, len(hist.counts) - 1) + 1])"),
-    ("calibrate: histogram of the unshifted input",
-     "mags = jnp.abs(inputs[k] + shift[k]).reshape(-1)",
-     "mags = jnp.abs(inputs[k]).reshape(-1)"),
+    ("calibrate: Hessian weights are gradients, not squared gradients",
+     '"g2": None if g is None else jnp.square(_rows(g)[idx])}',
+     '"g2": None if g is None else _rows(g)[idx]}'),
     ("quantized: asymmetric shift added back with the wrong sign",
      "y = y - w.act_shift.astype(y.dtype) * colsum",
      "y = y + w.act_shift.astype(y.dtype) * colsum"),
@@ -94,7 +98,7 @@ MUTANTS: list[tuple[str, str, str]] = [
      "total += 2 * prod(lhs, lb) * prod(lhs, lc) * prod(lhs, free_l) * prod(rhs, free_r)",
      "total += prod(lhs, lb) * prod(lhs, lc) * prod(lhs, free_l) * prod(rhs, free_r)"),
     ("prune: masked weights not zeroed in the forward pass",
-     "return matmul(x, masked_values(w.w, w.mask))", "return matmul(x, w.w)"),
+     "return matmul(x, apply_mask(w.w, w.mask))", "return matmul(x, w.w)"),
     # Checks that exist only since 2026-11-25 (absent, and skipped, in older trees).
     ("new check: a failed final rename loses the old checkpoint",
      "  except BaseException:\n    old.rename(path)\n    raise",

@@ -17,7 +17,8 @@ from vitjax import data as data_lib
 from vitjax import distill, evaluate, export, plots, recipes, sharding, survey, train
 from vitjax import model as model_lib
 from vitjax.models.config import PRESETS
-from vitjax.transforms import calibrate, lowrank, prune, ptq, quantize, structured
+from vitjax.quantizers import uniform
+from vitjax.transforms import lowrank, prune, ptq, quantize, structured
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -166,7 +167,8 @@ def quantizer(method: str, dataset: data_lib.Dataset, *, calib: int, calibrator:
     if not 1 <= calib <= len(dataset.calibration):
       raise ValueError(f"--calib {calib} is outside 1..{len(dataset.calibration)} "
                        "(the calibration split's size)")
-    return quantize.static_int8(dataset.calibration.images[:calib], calibrator=calibrator,
+    return quantize.static_int8(dataset.calibration.take(slice(0, calib)),
+                                calibrator=calibrator,
                                 exclude=exclude)
   raise ValueError(f"--method {method!r}; choose one of {QUANT_METHODS}")
 
@@ -449,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--calib", type=POSITIVE_INT, default=1024,
                  help="calibration images for static-int8, --recipe and --policy "
                  "(from the training split)")
-  p.add_argument("--calibrator", default="percentile", choices=calibrate.CALIBRATORS)
+  p.add_argument("--calibrator", default="percentile", choices=uniform.METHODS)
   p.add_argument("--exclude", nargs="*", default=(),
                  help="regex patterns of layers to keep in float, e.g. embedding head")
   p.add_argument("--out", default=None, help="default: <run dir>-<method>")

@@ -129,7 +129,7 @@ def _ptq(ctx: Context, model: Model, recipe: str, bits: int,
 
 
 def _static_int8(ctx: Context, model: Model) -> Model:
-  calib = ctx.dataset.calibration.images[:ctx.settings.calibration]
+  calib = ctx.dataset.calibration.take(slice(0, ctx.settings.calibration))
   return quantize.static_int8(calib, progress=ctx.progress)(model)
 
 
@@ -200,7 +200,7 @@ METHODS: list[Method] = [
            "50% pruned, then static W8A8 PTQ"),
     Method("lowrank-50%+int8", "combination",
            lambda ctx, src: _static_int8(ctx, src["lowrank-50%"]), ("lowrank-50%",),
-           "low-rank factors, then static W8A8 PTQ (both factors calibrated)"),
+           "low-rank factors, then static W8A8 PTQ (int8 input to the first factor)"),
     Method("student+structured+int4", "combination",
            lambda ctx, src: quantize.weight_only(4)(
                _structured(ctx, src, "student+structured", "student", 0.5, 0.5)),

@@ -91,6 +91,20 @@ def constrain(leaf: Any) -> Any:
 
 
 @functools.singledispatch
+def apply_mask(w: Any, mask: jax.Array) -> Any:
+  """`w` with its entries outside the boolean `mask` set to zero; dispatches
+  on the leaf type (this default handles plain arrays).
+
+  Raises:
+    TypeError: a leaf type that did not register how it is masked.
+  """
+  if not isinstance(w, (jax.Array, np.ndarray)):
+    raise TypeError(f"a {type(w).__name__} weight cannot be masked; registered: arrays "
+                    f"and {sorted(t.__name__ for t in apply_mask.registry if t is not object)}")
+  return jnp.where(mask, w, 0).astype(w.dtype)
+
+
+@functools.singledispatch
 def map_weights(leaf: Any, fn: Callable[[Any], Any]) -> Any:
   """Applies `fn` to the dense weight(s) inside `leaf` and rebuilds it.
 

@@ -17,10 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.leaves.dispatch import (constrain, input_quantized_matmul, logical_shape,
-                                   map_weights, matmul, register_storable, trainable,
-                                   value_count, weight_matmul)
-from vitjax.leaves.quantized import FakeQuantWeight
+from vitjax.leaves.dispatch import (apply_mask, constrain, input_quantized_matmul,
+                                   logical_shape, map_weights, matmul, register_storable,
+                                   trainable, value_count, weight_matmul)
 
 
 @register_storable
@@ -41,27 +40,14 @@ class Masked:
     return 1.0 - float(jnp.mean(self.mask))
 
 
-def masked_values(w: Any, mask: jax.Array) -> Any:
-  """`w` with the entries outside `mask` set to zero.
-
-  Float arrays and QAT weights are masked; quantized values were made from an
-  already masked weight, so their pruned entries are zero and stay so.
-  """
-  if isinstance(w, (jax.Array, np.ndarray)):
-    return jnp.where(mask, w, 0).astype(w.dtype)
-  if isinstance(w, FakeQuantWeight):
-    return w.replace(w=jnp.where(mask, w.w, 0).astype(w.w.dtype))
-  return w
-
-
 @weight_matmul.register
 def _(w: Masked, x: jax.Array) -> jax.Array:
-  return matmul(x, masked_values(w.w, w.mask))
+  return matmul(x, apply_mask(w.w, w.mask))
 
 
 @input_quantized_matmul.register
 def _(w: Masked, x: jax.Array, act: Callable[[jax.Array], jax.Array]) -> jax.Array:
-  return input_quantized_matmul(masked_values(w.w, w.mask), x, act)
+  return input_quantized_matmul(apply_mask(w.w, w.mask), x, act)
 
 
 @trainable.register
@@ -71,7 +57,7 @@ def _(w: Masked) -> Any:
 
 @constrain.register
 def _(w: Masked) -> Any:
-  return w.replace(w=masked_values(w.w, w.mask))
+  return w.replace(w=apply_mask(w.w, w.mask))
 
 
 @map_weights.register

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from aqt.jax.v2 import aqt_quantizer, aqt_tensor
 from aqt.jax.v2 import config as aqt_config
 
-from vitjax.leaves.dispatch import (input_quantized_matmul, trainable, value_count,
-                                   weight_matmul)
+from vitjax.leaves.dispatch import (apply_mask, input_quantized_matmul, trainable,
+                                   value_count, weight_matmul)
 from vitjax.quantizers.uniform import Uniform, check_bits, quantized_dot_general
 from vitjax.storable import register_storable
 
@@ -165,6 +165,16 @@ class FakeQuantWeight:
 def _fake_quant_matmul(w: FakeQuantWeight, x: jax.Array) -> jax.Array:
   cfg = aqt_dot_general(w.act_bits, w.bits)
   return cfg(x, w.w.astype(x.dtype), _dims(x))
+
+
+@apply_mask.register
+def _(w: QuantizedWeight, mask: jax.Array) -> Any:
+  return w  # made from an already masked weight: its pruned values are 0
+
+
+@apply_mask.register
+def _(w: FakeQuantWeight, mask: jax.Array) -> Any:
+  return w.replace(w=apply_mask(w.w, mask))
 
 
 @trainable.register

@@ -12,7 +12,7 @@ numerics) and back to `codes * scale - shift`. Granularity:
 
 `fit_uniform` picks the clipping bound from calibration samples: minmax (the
 largest |x + shift|), percentile, mse (expected error of a histogram model,
-`calibrate.choose_bound`) or omse (the bound minimizing the measured squared
+`histogram.choose_bound`) or omse (the bound minimizing the measured squared
 error of the quantized samples). `Operands(lhs, rhs)` is the quantizer of a
 matmul site of two activations (q.kT, probs.v); `quantized_dot_general` runs
 such a matmul, or a linear layer's, as AQT's s8 x s8 -> s32 dot.
@@ -209,9 +209,12 @@ def _bound(mags: np.ndarray, method: Method, bits: int, percentile: float) -> fl
 
 
 def fit_uniform(samples: np.ndarray, *, bits: int = 8, method: Method = "minmax",
-                granularity: Granularity = "tensor", symmetric: bool = True,
+                granularity: Granularity = "tensor", symmetric: bool | None = True,
                 percentile: float = 99.99) -> Uniform:
   """A Uniform quantizer fitted to `samples` (..., C) of one site's values.
+
+  `symmetric`: True (no shift), False (shift the range's center to 0), or
+  None (shift only a skewed range, |lo + hi| > (hi - lo) / 4).
 
   Raises:
     ValueError: unknown method or granularity, bits outside 2..8, percentile
@@ -231,10 +234,14 @@ def fit_uniform(samples: np.ndarray, *, bits: int = 8, method: Method = "minmax"
   m = qmax(bits)
   if granularity == "tensor":
     lo, hi = rows.min(), rows.max()
+    if symmetric is None:  # shift only a skewed range
+      symmetric = not abs(lo + hi) > (hi - lo) / 4
     shift = 0.0 if symmetric else -(lo + hi) / 2
     bound = _bound(np.abs(rows + shift).reshape(-1), method, bits, percentile)
     return Uniform(jnp.float32(bound / m), None if symmetric else jnp.float32(shift), bits)
   lo, hi = rows.min(0), rows.max(0)
+  if symmetric is None:
+    symmetric = not np.any(np.abs(lo + hi) > (hi - lo) / 4)
   shift = np.zeros_like(lo) if symmetric else -(lo + hi) / 2
   bounds = np.array([_bound(np.abs(rows[:, c] + shift[c]), method, bits, percentile)
                      for c in range(rows.shape[1])])
@@ -249,7 +256,7 @@ class UniformSpec:
   bits: int = 8
   method: Method = "minmax"
   granularity: Granularity = "tensor"
-  symmetric: bool = True
+  symmetric: bool | None = True
   percentile: float = 99.99
   needs_gradients = False
 

@@ -1,16 +1,18 @@
 """Quantization transforms (AQT): weight-only, dynamic and static int8, QAT.
 
-Each returns a `LayerTransform` (`Model -> Model`) over the linear layers that
-match `layers` and not `exclude` (regex over layer paths; the patch embedding
-is a linear layer like any other). Weights are quantized symmetrically per
+Each returns a `Model -> Model` transform over the linear layers that match
+`layers` and not `exclude` (regex over layer paths; the patch embedding is a
+linear layer like any other); all but `static_int8`, which also calibrates
+the layers' input sites, are `LayerTransform`s that `only` can narrow. Weights are quantized symmetrically per
 output channel with AQT's quantizer into a `QuantizedWeight` leaf.
 
   weight_only(bits)         int8/int4 weights, float activations;
   dynamic_int8()            int8 weights, int8 activations scaled per token at
                             run time, int8 x int8 -> int32 dots through AQT;
-  static_int8(images)       int8 weights, int8 activations with per-matmul
-                            scales fixed by calibration (minmax, percentile,
-                            MSE), symmetric or shifted (asymmetric);
+  static_int8(calibration)  int8 weights, int8 activations with per-layer
+                            scales fixed by calibration at the layers' input
+                            sites (minmax, percentile, MSE, OMSE), symmetric
+                            or shifted (asymmetric);
   qat(bits, act_bits)       float weights trained through AQT fake quantization;
   convert_qat()             the QAT model's weights frozen into int leaves.
 
@@ -20,16 +22,18 @@ quantizes its dequantized weight again.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 
-from vitjax.leaves import FakeQuantWeight, LowRank, Masked, QuantizedWeight, map_weights
+from vitjax.leaves import FakeQuantWeight, QuantizedWeight, map_weights
 from vitjax.leaves.quantized import check_bits, quantize_per_channel
 from vitjax.model import Model
-from vitjax.transforms import calibrate
-from vitjax.transforms.select import ALL, LayerTransform, Patterns, layer_transform
+from vitjax.quantizers import uniform
+from vitjax.transforms import site_calibration, sites
+from vitjax.transforms.select import (ALL, LayerTransform, Patterns, Transform,
+                                      layer_transform, resolve)
 
 
 def _as_float(path: str, w: Any, requantize: bool) -> Any:
@@ -75,60 +79,45 @@ def dynamic_int8(*, bits: int = 8, layers: Patterns = ALL, exclude: Patterns = (
                          layers=layers, exclude=exclude)
 
 
-def static_int8(calibration: np.ndarray, *, calibrator: str = "percentile",
+def static_int8(calibration: Any, *, calibrator: uniform.Method = "percentile",
                 percentile: float = 99.99, symmetric: bool | None = None,
                 bits: int = 8, batch_size: int = 128, layers: Patterns = ALL,
                 exclude: Patterns = (), requantize: bool = False,
-                progress: bool = True) -> LayerTransform:
+                progress: bool = True) -> Transform:
   """W8A8 with activation scales fixed from `calibration` images.
 
+  The chosen layers' weights become int`bits` leaves (as `weight_only`), and
+  each chosen layer's input site gets an int8 `Uniform` quantizer fitted on
+  the calibration images, so every chosen layer runs as an integer matmul.
+  A pruned layer is multiplied through its masked int values; a low-rank
+  layer's first factor takes the quantized input, its second factor a float
+  input (weight-only).
+
   Args:
-    calibration: images (N, H, W, C), uint8 or normalized float; never the
-      test split.
-    calibrator: "minmax", "percentile" or "mse" (see `calibrate`).
+    calibration: a `data.Split` from the training split (`Dataset.calibration`).
+    calibrator: "minmax", "percentile", "mse" or "omse" (`fit_uniform`).
     percentile: for "percentile", in (0, 100].
     symmetric: True, False (shift every input), or None (shift skewed inputs).
     bits: weight bits (activations are int8).
 
   Raises:
     ValueError: bits outside 2..8, unknown calibrator, percentile outside
-      (0, 100], an empty calibration set or one holding NaN/inf (now).
-      Pruned (masked) and low-rank layers are calibrated too: a low-rank
-      layer's second factor gets the scale of its own input, x @ u.
+      (0, 100], calibration images not from the training split, empty, or
+      holding NaN/inf (now); what `quantize_sites` refuses (when applied).
   """
   check_bits(bits)
-  if calibrator not in calibrate.CALIBRATORS:
-    raise ValueError(f"calibrator={calibrator!r}; choose one of {calibrate.CALIBRATORS}")
-  if not 0 < percentile <= 100:
-    raise ValueError(f"percentile={percentile} is outside (0, 100]")
-  calibrate.check_calibration_images(calibration)
+  spec = uniform.UniformSpec(8, calibrator, "tensor", symmetric, percentile)
+  site_calibration.check_training_split(calibration)
+  weights = weight_only(bits, layers=layers, exclude=exclude, requantize=requantize)
 
-  def prepare(model: Model, chosen: list[str]) -> dict[str, calibrate.ActivationStats]:
-    return calibrate.collect(model, calibration, calibrate.points(model, chosen),
-                             symmetric=symmetric, batch_size=batch_size, progress=progress)
+  def transform(model: Model) -> Model:
+    chosen = resolve(model.params, weights.include, weights.exclude)
+    pattern = "|".join(re.escape(layer) + "/input" for layer in chosen)
+    rules = [sites.SiteRule(f"({pattern})", spec)]
+    return sites.quantize_sites(rules, calibration, batch_size=batch_size,
+                                progress=progress)(weights(model))
 
-  weights = _quantizer(bits, "static", requantize)
-
-  def quantize(path: str, w: Any, stats: dict[str, calibrate.ActivationStats]) -> Any:
-    def calibrated(q: Any, point: str) -> Any:
-      if isinstance(q, Masked):
-        # A pruned layer sees the same input as the dense one: its calibrated
-        # scale goes on the quantized values inside the mask.
-        return q.replace(w=calibrated(q.w, point))
-      if isinstance(q, LowRank):
-        # (x @ u) @ v: u sees the layer's input, v the calibrated x @ u.
-        return LowRank(calibrated(q.u, point), calibrated(q.v, point + calibrate.SECOND_FACTOR))
-      if not isinstance(q, QuantizedWeight):
-        raise ValueError(f"layer {path}: static activation quantization needs plain, "
-                         f"masked or low-rank weights, got {type(q).__name__}")
-      s = stats[point]
-      bound = calibrate.choose_bound(s.hist, calibrator, percentile=percentile, bits=8)
-      return q.replace(act_scale=jnp.float32(bound / calibrate.quant_bound(8)),
-                       act_shift=jnp.float32(s.shift) if s.shift else None)
-    return calibrated(weights(path, w, None), path)
-
-  return layer_transform(f"static-w{bits}a8-{calibrator}", quantize, layers=layers,
-                         exclude=exclude, prepare=prepare)
+  return transform
 
 
 def qat(bits: int = 4, act_bits: int | None = 8, *, layers: Patterns = ALL,
