@@ -254,3 +254,11 @@ def test_quantizing_a_site_twice_is_refused():
   once = quantize_sites(rules, _calibration(), progress=False)(noisy_model())
   with pytest.raises(ValueError, match="already have quantizers"):
     quantize_sites(rules, _calibration(), progress=False)(once)
+
+
+def test_structured_pruning_of_a_site_quantized_model_is_refused():
+  from vitjax.transforms import structured
+  m = quantize_sites([SiteRule(".*/Dense_0/input", UniformSpec())], _calibration(),
+                     progress=False)(noisy_model())
+  with pytest.raises(ValueError, match="prune first, then quantize its sites"):
+    structured.heads_and_neurons(head_keep=0.5)(m)

@@ -136,7 +136,17 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
 
 def slice_model(model: Model, head_keep: list[np.ndarray],
                 neuron_keep: list[np.ndarray]) -> Model:
-  """The smaller model keeping, per block, the given head and neuron indices."""
+  """The smaller model keeping, per block, the given head and neuron indices.
+
+  Raises:
+    ValueError: the model has activation quantizers at its sites (their
+      per-channel statistics would not fit the sliced widths: prune first,
+      then quantize).
+  """
+  if model.sites:
+    raise ValueError(f"structured pruning changes layer widths, and the model has "
+                     f"activation quantizers at {len(model.sites)} sites: prune first, "
+                     "then quantize its sites")
   cfg = model.config
   params = jax.tree_util.tree_map(lambda a: a, model.params)  # fresh dicts
   hd = cfg.head_dim
