@@ -262,3 +262,10 @@ def test_structured_pruning_of_a_site_quantized_model_is_refused():
                      progress=False)(noisy_model())
   with pytest.raises(ValueError, match="prune first, then quantize its sites"):
     structured.heads_and_neurons(head_keep=0.5)(m)
+
+
+def test_a_site_its_layer_cannot_serve_fails_when_quantized_not_later():
+  dynamic = quantize.dynamic_int8()(noisy_model())
+  with pytest.raises(ValueError, match="cannot also have an input site quantizer"):
+    quantize_sites([SiteRule(".*/Dense_0/input", UniformSpec())], _calibration(),
+                   progress=False)(dynamic)

@@ -17,6 +17,9 @@ import dataclasses
 import re
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
+
 from vitjax import model as model_lib
 from vitjax.model import Model
 from vitjax.quantizers import OperandsSpec, UniformSpec
@@ -123,7 +126,13 @@ class QuantizeSites:
                                    {k: v.weights for k, v in s.items()}, address)
       else:
         fitted[address] = spec.fit(s.values, s.weights, address)
-    return model.replace(sites={**model.sites, **fitted})
+    quantized = model.replace(sites={**model.sites, **fitted})
+    # Trace one forward pass now, so a site that cannot serve with its layer
+    # (e.g. a weight that quantizes its own activations) fails here.
+    cfg = model.config
+    jax.eval_shape(model_lib.apply, quantized, jax.ShapeDtypeStruct(
+        (1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32))
+    return quantized
 
 
 def quantize_sites(rules: Sequence[SiteRule], calibration: Any, *, batch_size: int = 64,
@@ -133,8 +142,9 @@ def quantize_sites(rules: Sequence[SiteRule], calibration: Any, *, batch_size: i
 
   Raises:
     ValueError: no rules, batch_size or max_rows < 1, or (when applied) what
-      `assign` and `site_calibration.record` refuse, or a site that already
-      has a quantizer.
+      `assign` and `site_calibration.record` refuse, a site that already
+      has a quantizer, or a quantized model that cannot run (e.g. an input
+      site on a layer whose weight quantizes its own activations).
   """
   if not rules:
     raise ValueError("no site rules given")
