@@ -11,7 +11,7 @@ from vitjax import data as data_lib
 from vitjax import export, leaves, sharding, train
 from vitjax import model as model_lib
 from vitjax.leaves import Masked, QuantizedWeight
-from vitjax.transforms import chain, lowrank, only, prune, structured
+from vitjax.transforms import chain, lowrank, only, prune, select, structured
 from vitjax.transforms import quantize as q
 
 CFG = TINY.replace(dim=32, mlp_dim=64, num_heads=4)
@@ -178,7 +178,7 @@ def test_static_int8_of_a_low_rank_layer_quantizes_its_input_and_both_factors(tm
   codes = np.clip(np.round(np.asarray(x) / s), -127, 127)
   v = np.asarray(leaf.v.dequantize())
   want = (codes @ np.asarray(leaf.u.qt.qvalue, np.float64)) * s * np.asarray(
-      leaf.u.qt.scale[0]) @ v + np.asarray(_params_of(sq, name)["bias"])
+      leaf.u.qt.scale[0]) @ v + np.asarray(select.get_module(sq.params, name)["bias"])
   got = model_lib.linear_inputs(sq, preprocess(split.images, CFG))[
       "Transformer/encoderblock_1/MlpBlock_3/Dense_1"]
   np.testing.assert_allclose(np.asarray(got), np.asarray(jax.nn.gelu(want)), rtol=1e-4,
@@ -189,13 +189,6 @@ def test_static_int8_of_a_low_rank_layer_quantizes_its_input_and_both_factors(tm
   export.save_model(sq, tmp_path / "m")
   np.testing.assert_array_equal(model_lib.apply(export.load_model(tmp_path / "m"), images),
                                 out)
-
-
-def _params_of(model, layer):
-  node = model.params
-  for key in layer.split("/"):
-    node = node[key]
-  return node
 
 
 def _zero_head(model, block, head):

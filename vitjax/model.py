@@ -47,6 +47,12 @@ jax.tree_util.register_dataclass(Model, data_fields=["params", "sites"],
                                  meta_fields=["config"])
 
 
+def image_spec(config: ViTConfig, batch: int = 1) -> jax.ShapeDtypeStruct:
+  """The shape and dtype of a batch of preprocessed images for `config`."""
+  return jax.ShapeDtypeStruct(
+      (batch, config.image_size, config.image_size, config.channels), jnp.float32)
+
+
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
   """{'a/b/op': v} -> {'a': {'b': {'op': v}}}."""
   out: dict[str, Any] = {}
@@ -56,19 +62,6 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
     for m in modules:
       node = node.setdefault(m, {})
     node[op] = value
-  return out
-
-
-def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  """{'a': {'b': {'op': v}}} -> {'a/b/op': v} (the inverse of `nest`; a node
-  is a leaf when it is not a dict)."""
-  out = {}
-  for key, value in nested.items():
-    name = f"{prefix}/{key}" if prefix else key
-    if isinstance(value, dict):
-      out.update(flatten(value, name))
-    else:
-      out[name] = value
   return out
 
 
@@ -129,7 +122,8 @@ def apply_with_sites(model: Model, images: jax.Array,
   extra = {sites_lib.DELTA: nest(deltas)} if deltas else {}
   logits, state = model.module.apply({**variables(model), **extra}, images,
                                      mutable=[sites_lib.RECORD])
-  return logits, {k: v[0] for k, v in flatten(state[sites_lib.RECORD]).items()}
+  # A sown entry is a tuple (one value per call), so `weight_leaves` stops at it.
+  return logits, {k: v[0] for k, v in weight_leaves(state[sites_lib.RECORD])}
 
 
 def site_inputs(model: Model, images: jax.Array) -> dict[str, Any]:
@@ -139,10 +133,7 @@ def site_inputs(model: Model, images: jax.Array) -> dict[str, Any]:
 
 def site_addresses(model: Model) -> list[str]:
   """Addresses of every quantization site of `model`, in tree order."""
-  cfg = model.config
-  images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.channels),
-                                jnp.float32)
-  return list(jax.eval_shape(lambda m, x: site_inputs(m, x), model, images))
+  return list(jax.eval_shape(site_inputs, model, image_spec(model.config)))
 
 
 def linear_inputs(model: Model, images: jax.Array) -> dict[str, jax.Array]:
@@ -193,10 +184,8 @@ def weight_leaves(params: PyTree) -> Iterator[tuple[str, Any]]:
 
 def expected_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
   """Path -> dense shape of every parameter a model of `config` has."""
-  images = jax.ShapeDtypeStruct(
-      (1, config.image_size, config.image_size, config.channels), jnp.float32)
   abstract = jax.eval_shape(VisionTransformer(config).init,
-                            jax.random.PRNGKey(0), images)["params"]
+                            jax.random.PRNGKey(0), image_spec(config))["params"]
   return {p: tuple(leaf.shape) for p, leaf in weight_leaves(abstract)}
 
 

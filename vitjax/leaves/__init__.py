@@ -1,7 +1,7 @@
 """Weight leaves of the parameter tree and the one `linear` that uses them."""
 
-from vitjax.leaves.dispatch import (apply_mask, constrain, constrain_tree, is_compressed,
-                                   linear, logical_shape, map_weights, matmul,
+from vitjax.leaves.dispatch import (apply_mask, constrain, constrain_tree,
+                                   is_compressed, linear, logical_shape, map_weights, matmul,
                                    register_storable, registered_leaf_types,
                                    storable_types, trainable, trainable_mask,
                                    value_count, weight_matmul)
@@ -9,7 +9,8 @@ from vitjax.leaves.lowrank import LowRank
 from vitjax.leaves.masked import Masked
 from vitjax.leaves.quantized import FakeQuantWeight, QuantizedWeight
 
-__all__ = ["FakeQuantWeight", "apply_mask", "LowRank", "Masked", "QuantizedWeight", "constrain",
-           "constrain_tree", "is_compressed", "linear", "logical_shape", "map_weights",
-           "matmul", "register_storable", "registered_leaf_types", "storable_types",
+__all__ = ["FakeQuantWeight", "LowRank", "Masked", "QuantizedWeight", "apply_mask",
+           "constrain", "constrain_tree", "is_compressed", "linear", "logical_shape",
+           "map_weights", "matmul", "register_storable", "registered_leaf_types",
+           "storable_types",
            "trainable", "trainable_mask", "value_count", "weight_matmul"]

@@ -31,8 +31,6 @@ from vitjax.leaves.dispatch import (apply_mask, input_quantized_matmul, trainabl
 from vitjax.quantizers.uniform import Uniform, check_bits, quantized_dot_general
 from vitjax.storable import register_storable
 
-ACTIVATION_MODES = ("float", "dynamic", "static")
-
 register_storable(aqt_tensor.QTensor)
 
 

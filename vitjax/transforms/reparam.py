@@ -53,45 +53,18 @@ def fold(model: Model, norm: str, consumers: tuple[str, ...], lo: np.ndarray,
   r = s / s.mean()
   m = s * (z - z.mean())
   params = model.params
-  node = params
-  for key in norm.split("/"):
-    node = node[key]
-  new_norm = {"scale": node["scale"] / r, "bias": (node["bias"] + m) / r}
-  kernels, biases = {}, {}
+  norm_params = select.get_module(params, norm)
+  updates = {norm: {"scale": norm_params["scale"] / r,
+                    "bias": (norm_params["bias"] + m) / r}}
   for layer in consumers:
     w = select.get_kernel(params, layer)
     if leaves.is_compressed(w) or not isinstance(w, (jax.Array, np.ndarray)):
       raise ValueError(f"reparameterize before compressing weights: {layer} holds a "
                        f"{type(w).__name__}")
-    kernels[layer] = jnp.asarray(w * r[:, None], w.dtype)
-    biases[layer] = _bias(params, layer) - jnp.asarray(m @ np.asarray(w, np.float64),
-                                                       jnp.float32)
-  params = select.set_kernels(params, kernels)
-  params = _set(params, norm, new_norm)
-  for layer, b in biases.items():
-    params = _set(params, layer, {**_node(params, layer), "bias": b})
-  return model.replace(params=params)
-
-
-def _node(params: Any, path: str) -> dict:
-  for key in path.split("/"):
-    params = params[key]
-  return params
-
-
-def _bias(params: Any, layer: str) -> jax.Array:
-  return _node(params, layer)["bias"]
-
-
-def _set(params: Any, path: str, value: dict) -> Any:
-  params = dict(params)
-  node = params
-  keys = path.split("/")
-  for key in keys[:-1]:
-    node[key] = dict(node[key])
-    node = node[key]
-  node[keys[-1]] = {**node[keys[-1]], **value}
-  return params
+    bias = select.get_module(params, layer)["bias"]
+    updates[layer] = {"kernel": jnp.asarray(w * r[:, None], w.dtype),
+                      "bias": bias - jnp.asarray(m @ np.asarray(w, np.float64), jnp.float32)}
+  return model.replace(params=select.update_modules(params, updates))
 
 
 def reparameterize(calibration: Any, *, batch_size: int = 64, progress: bool = True):

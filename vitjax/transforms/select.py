@@ -73,23 +73,34 @@ def resolve(params: Any, include: Sequence[Sequence[str]],
   return chosen
 
 
-def get_kernel(params: Any, layer: str) -> Any:
+def get_module(params: Any, path: str) -> dict:
+  """The parameter dict of the module at '/'-joined `path`."""
   node = params
-  for key in layer.split("/"):
+  for key in path.split("/"):
     node = node[key]
-  return node["kernel"]
+  return node
+
+
+def get_kernel(params: Any, layer: str) -> Any:
+  return get_module(params, layer)["kernel"]
+
+
+def update_modules(params: Any, updates: dict[str, dict]) -> Any:
+  """A copy of `params` (dicts copied along the changed paths) where each
+  module path's dict is updated with `updates[path]`."""
+  params = dict(params)
+  for path, entries in updates.items():
+    node = params
+    for key in path.split("/"):
+      node[key] = dict(node[key])
+      node = node[key]
+    node.update(entries)
+  return params
 
 
 def set_kernels(params: Any, kernels: dict[str, Any]) -> Any:
   """A copy of `params` (dicts copied along the changed paths) with new kernels."""
-  params = dict(params)
-  for layer, kernel in kernels.items():
-    node = params
-    for key in layer.split("/"):
-      node[key] = dict(node[key])
-      node = node[key]
-    node["kernel"] = kernel
-  return params
+  return update_modules(params, {layer: {"kernel": k} for layer, k in kernels.items()})
 
 
 @dataclasses.dataclass(frozen=True)

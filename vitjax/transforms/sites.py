@@ -18,7 +18,6 @@ import re
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 
 from vitjax import model as model_lib
 from vitjax.model import Model
@@ -129,9 +128,7 @@ class QuantizeSites:
     quantized = model.replace(sites={**model.sites, **fitted})
     # Trace one forward pass now, so a site that cannot serve with its layer
     # (e.g. a weight that quantizes its own activations) fails here.
-    cfg = model.config
-    jax.eval_shape(model_lib.apply, quantized, jax.ShapeDtypeStruct(
-        (1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32))
+    jax.eval_shape(model_lib.apply, quantized, model_lib.image_spec(model.config))
     return quantized
 
 
