@@ -133,7 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
   start = time.perf_counter()
   model = recipes.train_teacher(run_dir, config, images, cfg, seed=args.seed)
   print(f"took {time.perf_counter() - start:.0f} s")
-  r = evaluate.report(model, dataset.test, disk_bytes=export.disk_bytes(model_dir))
+  r = evaluate.report(model, dataset.test, disk_bytes=export.disk_bytes(model_dir),
+                      choose_options=evaluate.fastest_options)
   print(evaluate.format_report("teacher [test]", r))
   return 0
 
@@ -144,7 +145,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
   dataset = _load_data(args)
   _check_data(dataset, model.config)
   split = getattr(dataset, args.split)
-  r = evaluate.report(model, split, disk_bytes=export.disk_bytes(model_dir))
+  r = evaluate.report(model, split, disk_bytes=export.disk_bytes(model_dir),
+                      choose_options=evaluate.fastest_options)
   print(evaluate.format_report(f"{model_dir} [{args.split}]", r))
   if args.json:
     print(json.dumps(r.to_dict()))
@@ -175,7 +177,8 @@ def quantizer(method: str, dataset: data_lib.Dataset, *, calib: int, calibrator:
 
 def _compare_and_print(models: dict, dataset: data_lib.Dataset, disk: dict[str, int],
                        reference: str) -> dict[str, evaluate.Report]:
-  reports = evaluate.compare(models, dataset.test, disk_bytes=disk)
+  reports = evaluate.compare(models, dataset.test, disk_bytes=disk,
+                             choose_options=evaluate.fastest_options)
   print(evaluate.format_table(reports, reference))
   for note in evaluate.speed_notes(reports, reference):
     print(note)

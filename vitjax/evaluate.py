@@ -4,14 +4,20 @@ Timings compile first, warm up, then time repeated calls that end in
 `block_until_ready`, round-robin over the models compared, and report the
 median; numbers measured in one process side by side are comparable, numbers
 from different runs less so.
+
+Every function takes optional XLA compiler `options` (`jax.jit`'s
+`compiler_options`, e.g. from `vitjax.xla_cpu.choose_inference_options`);
+without them XLA's defaults apply. One executable is compiled per distinct
+options, model structure and batch shape, and reused across calls.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -19,50 +25,72 @@ import numpy as np
 
 from vitjax import data as data_lib
 from vitjax import model as model_lib
+from vitjax import xla_cpu
 from vitjax.model import Model
 from vitjax.models.inputs import preprocess
 
 
-@jax.jit
-def _predict(model: Model, images: jax.Array) -> jax.Array:
+Options = Mapping[str, str]
+
+
+def _forward(model: Model, images: jax.Array) -> jax.Array:
   return model_lib.apply(model, preprocess(images, model.config)).argmax(-1)
 
 
-def predictions(model: Model, split: data_lib.Split, batch_size: int = 256) -> np.ndarray:
+@functools.lru_cache(maxsize=None)
+def _predictor(options: tuple[tuple[str, str], ...]) -> Callable:
+  return jax.jit(_forward, compiler_options=dict(options) or None)
+
+
+def predictor(options: Options | None = None) -> Callable[[Model, jax.Array], jax.Array]:
+  """The jitted inference path (normalize, forward, argmax), compiled with
+  `options`: `predictor(options)(model, uint8_images)` -> predicted classes."""
+  return _predictor(tuple(sorted((options or {}).items())))
+
+
+def predictions(model: Model, split: data_lib.Split, batch_size: int = 256,
+                options: Options | None = None) -> np.ndarray:
   """Predicted class of every image of `split`, in order."""
+  predict = predictor(options)
   out = []
   for images, _, n in data_lib.eval_batches(split, batch_size):
-    out.append(np.asarray(_predict(model, images))[:n])
+    out.append(np.asarray(predict(model, images))[:n])
   return np.concatenate(out)
 
 
-def accuracy(model: Model, split: data_lib.Split, batch_size: int = 256) -> float:
+def accuracy(model: Model, split: data_lib.Split, batch_size: int = 256,
+             options: Options | None = None) -> float:
   """Top-1 accuracy of `model` on `split`, in [0, 1]."""
-  return float((predictions(model, split, batch_size) == split.labels).mean())
+  return float((predictions(model, split, batch_size, options) == split.labels).mean())
 
 
-def forward_fn(model: Model, batch: int) -> Callable[[], jax.Array]:
+def forward_fn(model: Model, batch: int, options: Options | None = None
+               ) -> Callable[[], jax.Array]:
   """A zero-argument inference call on a fixed batch of random uint8 images.
 
   It is the whole inference path that `accuracy` compiles (normalize, forward,
-  argmax), so a batch of 256 reuses that executable.
+  argmax), so a batch of 256 with the same options reuses that executable.
   """
   cfg = model.config
   images = jax.random.randint(jax.random.PRNGKey(0),
                               (batch, cfg.image_size, cfg.image_size, cfg.channels),
                               0, 256).astype(jnp.uint8)
-  return lambda: _predict(model, images)
+  predict = predictor(options)
+  return lambda: predict(model, images)
 
 
 def round_times(models: dict[str, Model], batch: int, *, rounds: int = 5,
-                calls: int = 5) -> dict[str, list[float]]:
+                calls: int = 5, options: Mapping[str, Options] | None = None,
+                warmup: int = 3) -> dict[str, list[float]]:
   """Seconds per batch-`batch` forward of each model in every round, timed
   round-robin: every round times `calls` calls of each model in turn (after a
   warm-up), so slow drift of the machine (other load, frequency) hits all
-  models alike."""
-  fns = {name: forward_fn(m, batch) for name, m in models.items()}
+  models alike. `options[name]` compiles model `name` (default: XLA's);
+  `warmup` calls of each precede the rounds."""
+  options = options or {}
+  fns = {name: forward_fn(m, batch, options.get(name)) for name, m in models.items()}
   for fn in fns.values():
-    for _ in range(3):
+    for _ in range(warmup):
       jax.block_until_ready(fn())
   samples: dict[str, list[float]] = {name: [] for name in fns}
   for _ in range(rounds):
@@ -75,10 +103,18 @@ def round_times(models: dict[str, Model], batch: int, *, rounds: int = 5,
 
 
 def side_by_side(models: dict[str, Model], batch: int, *, rounds: int = 5,
-                 calls: int = 5) -> dict[str, float]:
+                 calls: int = 5, options: Mapping[str, Options] | None = None
+                 ) -> dict[str, float]:
   """Median over rounds of `round_times`: seconds per batch-`batch` forward."""
-  times = round_times(models, batch, rounds=rounds, calls=calls)
+  times = round_times(models, batch, rounds=rounds, calls=calls, options=options)
   return {name: statistics.median(v) for name, v in times.items()}
+
+
+def ratio_spread(reference: list[float] | tuple[float, ...],
+                 other: list[float] | tuple[float, ...]) -> tuple[float, float, float]:
+  """(min, median, max) over rounds of the round's ratio reference / other."""
+  ratios = sorted(a / b for a, b in zip(reference, other))
+  return ratios[0], statistics.median(ratios), ratios[-1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +123,12 @@ class Report:
 
   `bytes` is the parameter storage as a vitjax checkpoint holds it;
   `disk_bytes` the measured size of a saved checkpoint directory (or None).
+  `latency_ms` and `throughput` are medians over the timing rounds; the
+  `*_rounds` tuples hold every round's figure, in the order the rounds ran
+  (all models of a comparison were timed in each round, so round i of two
+  reports can be divided). `options` names the compiler options the timed
+  executables were built with at each batch size (`vitjax.xla_cpu.CANDIDATES`
+  names, or "given").
   """
 
   accuracy: float
@@ -96,31 +138,84 @@ class Report:
   latency_ms: float
   throughput: float
   disk_bytes: int | None = None
+  latency_rounds_ms: tuple[float, ...] = ()
+  throughput_rounds: tuple[float, ...] = ()
+  options: str = ""
 
   def to_dict(self) -> dict[str, float]:
     return dataclasses.asdict(self)
 
 
+ChooseOptions = Callable[[Model, int], Options]
+
+
+def _options_name(options: Options) -> str:
+  try:
+    return xla_cpu.candidate_name(options)
+  except ValueError:
+    return "given"
+
+
+def fastest_options(model: Model, batch: int, *, calls: int = 3) -> dict[str, str]:
+  """Compiler options of the faster of `xla_cpu.CANDIDATES` for `model`'s
+  inference at `batch` images on this machine: each candidate's forward is
+  compiled and warmed up once, then the candidates are timed in alternation
+  over `calls` rounds and the lower total wins. On a GPU or TPU backend, {}
+  (the candidates are CPU options).
+
+  Raises:
+    ValueError: `batch` or `calls` is not positive.
+  """
+  if batch < 1 or calls < 1:
+    raise ValueError(f"batch={batch} and calls={calls} must both be >= 1")
+  if jax.default_backend() != "cpu":
+    return {}
+  totals = {name: sum(t) for name, t in round_times(
+      {name: model for name in xla_cpu.CANDIDATES}, batch, rounds=calls, calls=1,
+      options=xla_cpu.CANDIDATES, warmup=1).items()}
+  return dict(xla_cpu.CANDIDATES[min(totals, key=totals.get)])
+
+
 def compare(models: dict[str, Model], split: data_lib.Split, *,
             disk_bytes: dict[str, int] | None = None, timing_batch: int = 256,
-            rounds: int = 5) -> dict[str, Report]:
+            rounds: int = 5, choose_options: ChooseOptions | None = None
+            ) -> dict[str, Report]:
   """Accuracy on `split` and size of each model; latency (batch 1) and
-  throughput (batch `timing_batch`) measured side by side in this process."""
-  lat = side_by_side(models, 1, rounds=rounds, calls=10)
-  thr = side_by_side(models, timing_batch, rounds=rounds, calls=2)
+  throughput (batch `timing_batch`) measured side by side in this process.
+
+  `choose_options(model, batch)` (e.g. `fastest_options`)
+  picks each model's compiler options per batch size; None: XLA's defaults.
+  Accuracy runs on the `timing_batch` executable.
+  """
+  choose = choose_options or (lambda model, batch: {})
+  lat_opts = {name: choose(m, 1) for name, m in models.items()}
+  thr_opts = {name: choose(m, timing_batch) for name, m in models.items()}
+  lat = round_times(models, 1, rounds=rounds, calls=10, options=lat_opts)
+  thr = round_times(models, timing_batch, rounds=rounds, calls=2, options=thr_opts)
   disk_bytes = disk_bytes or {}
-  return {name: Report(accuracy=accuracy(m, split), params=model_lib.param_count(m),
-                       bytes=model_lib.stored_bytes(m), flops=model_lib.flops_per_image(m),
-                       latency_ms=lat[name] * 1e3, throughput=timing_batch / thr[name],
-                       disk_bytes=disk_bytes.get(name))
-          for name, m in models.items()}
+  reports = {}
+  for name, m in models.items():
+    reports[name] = Report(
+        accuracy=accuracy(m, split, timing_batch, thr_opts[name]),
+        params=model_lib.param_count(m), bytes=model_lib.stored_bytes(m),
+        flops=model_lib.flops_per_image(m),
+        latency_ms=statistics.median(lat[name]) * 1e3,
+        throughput=timing_batch / statistics.median(thr[name]),
+        disk_bytes=disk_bytes.get(name),
+        latency_rounds_ms=tuple(t * 1e3 for t in lat[name]),
+        throughput_rounds=tuple(timing_batch / t for t in thr[name]),
+        options=f"{_options_name(lat_opts[name])} (b=1), "
+                f"{_options_name(thr_opts[name])} (b={timing_batch})")
+  return reports
 
 
 def report(model: Model, split: data_lib.Split, *, disk_bytes: int | None = None,
-           timing_batch: int = 256) -> Report:
+           timing_batch: int = 256, choose_options: ChooseOptions | None = None
+           ) -> Report:
   """`compare` for one model."""
   return compare({"model": model}, split, timing_batch=timing_batch,
-                 disk_bytes={"model": disk_bytes} if disk_bytes else None)["model"]
+                 disk_bytes={"model": disk_bytes} if disk_bytes else None,
+                 choose_options=choose_options)["model"]
 
 
 def slowdown_note(name: str, reference: str, latency_ratio: float,

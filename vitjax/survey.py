@@ -17,14 +17,13 @@ import dataclasses
 import datetime
 import json
 import pathlib
-import platform
 import time
 from typing import Any, Callable
 
 import jax
 
 from vitjax import data as data_lib
-from vitjax import distill, evaluate, export, plots, recipes
+from vitjax import distill, evaluate, export, plots, recipes, xla_cpu
 from vitjax import model as model_lib
 from vitjax import progress as progress_lib
 from vitjax.model import Model
@@ -272,7 +271,8 @@ def run(settings: Settings, out: str | pathlib.Path = "checkpoints/survey", *,
     if name != "teacher":
       disk[name] = export.save_model(model, out / name / recipes.MODEL_DIR, overwrite=True,
                                      metadata={"survey_method": name})
-  reports = evaluate.compare(built, test, disk_bytes=disk, rounds=3 if settings.quick else 7)
+  reports = evaluate.compare(built, test, disk_bytes=disk, rounds=3 if settings.quick else 9,
+                             choose_options=evaluate.fastest_options)
   stages.update(1)
   stages.close()
   results = _results(settings, methods, reports, seconds, time.perf_counter() - started)
@@ -295,10 +295,14 @@ def _results(settings: Settings, methods: list[Method], reports: dict[str, evalu
         "params": r.params, "flops": r.flops, "latency_ms": r.latency_ms,
         "speedup": ref.latency_ms / r.latency_ms, "throughput": r.throughput,
         "throughput_ratio": r.throughput / ref.throughput,
+        "speedup_spread": evaluate.ratio_spread(ref.latency_rounds_ms, r.latency_rounds_ms),
+        "throughput_ratio_spread": evaluate.ratio_spread(r.throughput_rounds,
+                                                         ref.throughput_rounds),
+        "compile_options": r.options,
         "build_seconds": round(seconds.get(name, 0.0), 1)}
   return {
       "date": datetime.date.today().isoformat(),
-      "machine": f"{platform.machine()}, {jax.default_backend()} "
+      "machine": f"{xla_cpu.cpu_description()}, {jax.default_backend()} "
                  f"({jax.devices()[0].device_kind}), {len(jax.devices())} device(s)",
       "settings": dataclasses.asdict(settings),
       "total_seconds": round(total, 1),
@@ -313,14 +317,20 @@ def markdown(results: dict[str, Any]) -> str:
            + (" (QUICK smoke run: figures are not meaningful)" if results["settings"]["quick"]
               else ""), "",
            "| method | family | top-1 % | Δ pt | disk bytes | size | params | MFLOPs "
-           "| latency b=1 | throughput b=256 |",
+           "| latency b=1 (speedup, min-max) | throughput b=256 (ratio, min-max) |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for name, r in results["rows"].items():
+    (s_lo, _, s_hi), (t_lo, _, t_hi) = r["speedup_spread"], r["throughput_ratio_spread"]
     lines.append(
         f"| {name} | {r['family']} | {r['accuracy']:.2f} | {-r['accuracy_drop']:+.2f} "
         f"| {r['disk_bytes']:,} | {r['size_ratio']:.3f}x | {r['params']:,} "
-        f"| {r['flops'] / 1e6:.1f} | {r['latency_ms']:.2f} ms ({r['speedup']:.2f}x) "
-        f"| {r['throughput']:.0f}/s ({r['throughput_ratio']:.2f}x) |")
+        f"| {r['flops'] / 1e6:.1f} | {r['latency_ms']:.2f} ms "
+        f"({r['speedup']:.2f}x, {s_lo:.2f}-{s_hi:.2f}) "
+        f"| {r['throughput']:.0f}/s ({r['throughput_ratio']:.2f}x, {t_lo:.2f}-{t_hi:.2f}) |")
+  lines += ["", "Speed: median over timing rounds in which every model ran in turn; "
+            "min-max: the lowest and highest ratio of a single round. Each model's "
+            "forward was compiled with the faster XLA CPU option on this machine "
+            "(`evaluate.fastest_options`; per row in results.json)."]
   return "\n".join(lines) + "\n"
 
 

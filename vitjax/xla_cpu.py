@@ -1,0 +1,73 @@
+"""How XLA compiles a model's inference on the CPU: the YNNPACK choice, measured.
+
+XLA's CPU backend (jaxlib 0.10) hands dots, and the reductions and elementwise
+ops around them, to YNNPACK fusions by default. That is the only fast kernel
+for int8 x int8 -> int32 dots (without it they run 2.4x slower at DeiT-tiny
+batch 64, benchmarks/RESULTS.md), but for float matmuls at ViT shapes XLA's own
+Eigen-backed dot is often faster: DeiT-tiny fp32 batch 64 took 2.27 s with
+YNNPACK fusions off against 2.97 s with them on, on this project's 2-core AMD
+EPYC, while on the tiny Fashion-MNIST model it went the other way at batch 256.
+Neither choice wins everywhere, so vitjax measures it.
+
+`vitjax.evaluate.fastest_options(model, batch)` times the forward pass
+compiled with each of `CANDIDATES` on this machine and returns the faster
+one's compiler options, which `evaluate` passes on to
+`jax.jit(..., compiler_options=...)`. The
+choice is per executable, so a process can hold float and integer models
+compiled differently, and it is never made silently: vitjax's command line and
+survey call it; library functions compile with XLA's defaults unless given
+options. `xla_flags(options)` spells the same choice as an `XLA_FLAGS` entry
+for a whole process.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Mapping
+
+YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
+
+# The candidates compared, by name: XLA's defaults, and YNNPACK fusions off
+# (an empty list of fusion types).
+CANDIDATES: dict[str, dict[str, str]] = {
+    "xla-default": {},
+    "ynn-off": {YNN_FUSION_TYPE: ""},
+}
+
+
+def candidate_name(options: Mapping[str, str]) -> str:
+  """The `CANDIDATES` name of `options`.
+
+  Raises:
+    ValueError: `options` is not one of `CANDIDATES`.
+  """
+  for name, known in CANDIDATES.items():
+    if dict(options) == known:
+      return name
+  raise ValueError(f"options {dict(options)} are not one of the candidates "
+                   f"{CANDIDATES}")
+
+
+def xla_flags(options: Mapping[str, str]) -> str:
+  """`options` as `XLA_FLAGS` entries (`--name=value`), for a whole process."""
+  return " ".join(f"--{k}={v}" for k, v in options.items())
+
+
+def cpu_description() -> str:
+  """The host CPU as speed figures need it: model name, logical CPUs, and its
+  widest vector extensions (avx512f, avx512_vnni, amx_int8, avx2), from
+  /proc/cpuinfo where there is one, else `platform`."""
+  name, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          name = value.strip()
+        elif key.strip() == "flags":
+          flags = set(value.split())
+  except OSError:
+    pass
+  wide = [f for f in ("amx_int8", "avx512_vnni", "avx512f", "avx2") if f in flags]
+  return f"{name}, {os.cpu_count()} CPUs" + (f", {'/'.join(wide)}" if wide else "")
