@@ -20,9 +20,8 @@ Variants = Callable[[model_lib.Model], dict[str, model_lib.Model]]
 
 
 def _spread(ref: list[float], other: list[float]) -> tuple[float, float]:
-  """(min, max) over rounds of the round's ratio ref / other."""
-  ratios = [a / b for a, b in zip(ref, other)]
-  return min(ratios), max(ratios)
+  lo, _, hi = evaluate.ratio_spread(ref, other)
+  return lo, hi
 
 
 def main(variants: Variants, description: str) -> dict:

@@ -52,6 +52,7 @@ def test_survey_writes_every_method_with_consistent_figures(tmp_path):
   assert (tmp_path / "pareto.png").stat().st_size > 10_000
   teacher_disk = export.disk_bytes(tmp_path / "teacher" / recipes.MODEL_DIR)
   assert rows["teacher"]["disk_bytes"] == teacher_disk
+  assert rows["teacher"]["throughput_ratio_spread"] == [1.0, 1.0, 1.0]
   for name, row in rows.items():
     model_dir = tmp_path / name / recipes.MODEL_DIR
     model = export.load_model(model_dir)
@@ -62,6 +63,10 @@ def test_survey_writes_every_method_with_consistent_figures(tmp_path):
     # Each row's accuracy is its own saved model's, measured again here.
     assert row["accuracy"] == pytest.approx(evaluate.accuracy(model, test) * 100, abs=1e-6), name
     assert row["throughput_ratio"] > 0 and row["speedup"] > 0
+    for key in ("speedup_spread", "throughput_ratio_spread"):
+      lo, med, hi = row[key]
+      assert 0 < lo <= med <= hi, (name, key)
+    assert row["compile_options"] == "xla-default (b=1), xla-default (b=256)"  # quick run
   # Sizes and FLOPs against figures not derived by the functions under test.
   for name in ("teacher", "student", "structured", "dynamic-int8", "prune-50%"):
     cfg = export.load_model(tmp_path / name / recipes.MODEL_DIR).config

@@ -176,36 +176,63 @@ def fastest_options(model: Model, batch: int, *, calls: int = 3) -> dict[str, st
   return dict(xla_cpu.CANDIDATES[min(totals, key=totals.get)])
 
 
+@dataclasses.dataclass(frozen=True)
+class Speed:
+  """Timing rounds of one model: seconds per batch-1 call (`latency_rounds`)
+  and per batch-`batch` call (`batch_rounds`) in each round, and the compiler
+  options of the two executables."""
+
+  latency_rounds: tuple[float, ...]
+  batch_rounds: tuple[float, ...]
+  batch: int
+  latency_options: dict[str, str]
+  batch_options: dict[str, str]
+
+  @property
+  def options_name(self) -> str:
+    return (f"{_options_name(self.latency_options)} (b=1), "
+            f"{_options_name(self.batch_options)} (b={self.batch})")
+
+
+def speeds(models: dict[str, Model], *, timing_batch: int = 256, rounds: int = 5,
+           choose_options: ChooseOptions | None = None) -> dict[str, Speed]:
+  """Batch-1 latency and batch-`timing_batch` time of every model, measured
+  side by side in this process (`round_times`: 10 and 2 calls per round).
+
+  `choose_options(model, batch)` (e.g. `fastest_options`) picks each model's
+  compiler options per batch size; None: XLA's defaults.
+  """
+  choose = choose_options or (lambda model, batch: {})
+  lat_opts = {name: dict(choose(m, 1)) for name, m in models.items()}
+  thr_opts = {name: dict(choose(m, timing_batch)) for name, m in models.items()}
+  lat = round_times(models, 1, rounds=rounds, calls=10, options=lat_opts)
+  thr = round_times(models, timing_batch, rounds=rounds, calls=2, options=thr_opts)
+  return {name: Speed(tuple(lat[name]), tuple(thr[name]), timing_batch, lat_opts[name],
+                      thr_opts[name]) for name in models}
+
+
 def compare(models: dict[str, Model], split: data_lib.Split, *,
             disk_bytes: dict[str, int] | None = None, timing_batch: int = 256,
             rounds: int = 5, choose_options: ChooseOptions | None = None
             ) -> dict[str, Report]:
-  """Accuracy on `split` and size of each model; latency (batch 1) and
-  throughput (batch `timing_batch`) measured side by side in this process.
-
-  `choose_options(model, batch)` (e.g. `fastest_options`)
-  picks each model's compiler options per batch size; None: XLA's defaults.
-  Accuracy runs on the `timing_batch` executable.
-  """
-  choose = choose_options or (lambda model, batch: {})
-  lat_opts = {name: choose(m, 1) for name, m in models.items()}
-  thr_opts = {name: choose(m, timing_batch) for name, m in models.items()}
-  lat = round_times(models, 1, rounds=rounds, calls=10, options=lat_opts)
-  thr = round_times(models, timing_batch, rounds=rounds, calls=2, options=thr_opts)
+  """Accuracy on `split` and size of each model, with `speeds`; accuracy runs
+  on the `timing_batch` executable."""
+  timed = speeds(models, timing_batch=timing_batch, rounds=rounds,
+                 choose_options=choose_options)
   disk_bytes = disk_bytes or {}
   reports = {}
   for name, m in models.items():
+    t = timed[name]
     reports[name] = Report(
-        accuracy=accuracy(m, split, timing_batch, thr_opts[name]),
+        accuracy=accuracy(m, split, timing_batch, t.batch_options),
         params=model_lib.param_count(m), bytes=model_lib.stored_bytes(m),
         flops=model_lib.flops_per_image(m),
-        latency_ms=statistics.median(lat[name]) * 1e3,
-        throughput=timing_batch / statistics.median(thr[name]),
+        latency_ms=statistics.median(t.latency_rounds) * 1e3,
+        throughput=timing_batch / statistics.median(t.batch_rounds),
         disk_bytes=disk_bytes.get(name),
-        latency_rounds_ms=tuple(t * 1e3 for t in lat[name]),
-        throughput_rounds=tuple(timing_batch / t for t in thr[name]),
-        options=f"{_options_name(lat_opts[name])} (b=1), "
-                f"{_options_name(thr_opts[name])} (b={timing_batch})")
+        latency_rounds_ms=tuple(x * 1e3 for x in t.latency_rounds),
+        throughput_rounds=tuple(timing_batch / x for x in t.batch_rounds),
+        options=t.options_name)
   return reports
 
 

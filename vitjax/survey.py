@@ -46,7 +46,8 @@ class Settings:
     train_images: train everything on the first this many training images
       (None: all of them).
     test_images: measure on the first this many test images (None: all).
-    quick: a smoke run (few steps, small subsets) that checks the plumbing.
+    quick: a smoke run (few steps, small subsets, XLA's default compile
+      options) that checks the plumbing.
   """
 
   preset: str = "tiny"
@@ -271,8 +272,11 @@ def run(settings: Settings, out: str | pathlib.Path = "checkpoints/survey", *,
     if name != "teacher":
       disk[name] = export.save_model(model, out / name / recipes.MODEL_DIR, overwrite=True,
                                      metadata={"survey_method": name})
+  # A quick run compiles with XLA's defaults: its figures are not meaningful,
+  # and choosing options compiles every model twice more.
   reports = evaluate.compare(built, test, disk_bytes=disk, rounds=3 if settings.quick else 9,
-                             choose_options=evaluate.fastest_options)
+                             choose_options=None if settings.quick else
+                             evaluate.fastest_options)
   stages.update(1)
   stages.close()
   results = _results(settings, methods, reports, seconds, time.perf_counter() - started)
@@ -330,7 +334,8 @@ def markdown(results: dict[str, Any]) -> str:
   lines += ["", "Speed: median over timing rounds in which every model ran in turn; "
             "min-max: the lowest and highest ratio of a single round. Each model's "
             "forward was compiled with the faster XLA CPU option on this machine "
-            "(`evaluate.fastest_options`; per row in results.json)."]
+            "(`evaluate.fastest_options`; per row in results.json), except in a "
+            "quick run (XLA's defaults)."]
   return "\n".join(lines) + "\n"
 
 
