@@ -16,8 +16,9 @@ Variants: PyTorch fp32 (the reference), torch.ao dynamic int8
 (`quantize_dynamic` of every Linear), torchao's int8 dynamic-activation
 config when torchao is installed; vitjax fp32 compiled with XLA's defaults and
 with `evaluate.fastest_options` (the XLA CPU option the survey and CLI use),
-and vitjax's int8/int4 variants (weight-only int8 and int4, dynamic int8,
-static int8, W8A8 at every matmul), each compiled with its fastest option.
+and vitjax's int8/int4 variants (`quantization.variants`: weight-only int8
+and int4, dynamic int8, static int8, W8A8 at every matmul and at every site),
+each compiled with its fastest option.
 
 Printed: batch-1 latency and batch-`--batch` time per batch, the median over
 rounds and its ratio to PyTorch fp32 with the lowest and highest ratio of a
@@ -42,13 +43,12 @@ import jax
 import numpy as np
 import torch
 
+import quantization
 import torch_vit
-from vitjax import data as data_lib
 from vitjax import evaluate, xla_cpu
 from vitjax import model as model_lib
 from vitjax.models.config import ViTConfig, preset
 from vitjax.models.inputs import preprocess
-from vitjax.transforms import ptq, quantize
 
 SHAPES: dict[str, ViTConfig] = {
     "deit-tiny": ViTConfig(image_size=224, patch_size=16, channels=3, num_classes=1000,
@@ -57,7 +57,7 @@ SHAPES: dict[str, ViTConfig] = {
                         dim=384, depth=12, num_heads=6, mlp_dim=1536),
     "tiny": preset("tiny"),
 }
-INT8 = ("weight-int8", "dynamic-int8", "static-int8", "w8a8-matmuls")
+INT8 = ("weight-int8", "dynamic-int8", "static-int8", "w8a8-matmuls", "w8a8-all-sites")
 
 
 def random_model(cfg: ViTConfig) -> model_lib.Model:
@@ -70,21 +70,6 @@ def random_model(cfg: ViTConfig) -> model_lib.Model:
   params["head"] = {"kernel": rng.normal(0, 0.02, np.shape(params["head"]["kernel"]))
                     .astype(np.float32), "bias": params["head"]["bias"]}
   return model_lib.Model(cfg, params)
-
-
-def vitjax_variants(model: model_lib.Model) -> dict[str, model_lib.Model]:
-  cfg = model.config
-  images = np.random.default_rng(0).integers(
-      0, 256, (64, cfg.image_size, cfg.image_size, cfg.channels)).astype(np.uint8)
-  # Random images stand in for calibration images: speed does not depend on them.
-  calib = data_lib.Split(images, np.zeros(len(images), np.int32), origin="train")
-  return {
-      "weight-int8": quantize.weight_only(8)(model),
-      "weight-int4": quantize.weight_only(4)(model),
-      "dynamic-int8": quantize.dynamic_int8()(model),
-      "static-int8": quantize.static_int8(calib, progress=False)(model),
-      "w8a8-matmuls": ptq.quantize_model(model, "minmax", calib, progress=False),
-  }
 
 
 def torch_variants(model: model_lib.Model) -> dict[str, torch.nn.Module]:
@@ -122,29 +107,14 @@ def check_parity(model: model_lib.Model, module: torch.nn.Module) -> float:
   return float(np.abs(ours - theirs).max())
 
 
-def time_rounds(fns: dict[str, Callable[[], object]], rounds: int, calls: int
-                ) -> dict[str, list[float]]:
-  """Seconds per call of each function in every round, round-robin."""
-  for fn in fns.values():
-    for _ in range(2):
-      jax.block_until_ready(fn())
-  out: dict[str, list[float]] = {k: [] for k in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      t = time.perf_counter()
-      for _ in range(calls):
-        jax.block_until_ready(fn())
-      out[name].append((time.perf_counter() - t) / calls)
-  return out
-
-
 def measure(shape: str, batch: int, rounds: int, progress: bool = True) -> dict:
   cfg = SHAPES[shape]
   model = random_model(cfg)
   torch_models = torch_variants(model)
   parity = check_parity(model, torch_models["torch-fp32"])
-  jax_models = {"vitjax-fp32 (xla-default)": model, "vitjax-fp32": model,
-                **vitjax_variants(model)}
+  variants = quantization.variants(model)
+  jax_models = {"vitjax-fp32 (xla-default)": model, "vitjax-fp32": variants.pop("fp32"),
+                **variants}
   result = {"config": cfg.to_dict(), "parity_max_abs_logit_diff": parity, "batches": {}}
   for b, calls in ((1, 10), (batch, 1)):
     rng = np.random.default_rng(3)
@@ -159,7 +129,7 @@ def measure(shape: str, batch: int, rounds: int, progress: bool = True) -> dict:
     if progress:
       print(f"{shape}: timing {len(fns)} variants at batch {b}, {rounds} rounds",
             file=sys.stderr, flush=True)
-    times = time_rounds(fns, rounds, calls)
+    times = evaluate.round_robin(fns, rounds=rounds, calls=calls, warmup=2)
     ref = times["torch-fp32"]
     rows = {}
     for name, t in times.items():

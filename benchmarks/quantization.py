@@ -15,6 +15,8 @@ Figures recorded on this project's machines: benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 import common
@@ -23,22 +25,29 @@ from vitjax import model as model_lib
 from vitjax.transforms import ptq, quantize
 
 
-def variants(model: model_lib.Model) -> dict[str, model_lib.Model]:
+def variants(model: model_lib.Model, names: Sequence[str] | None = None
+             ) -> dict[str, model_lib.Model]:
+  """fp32 and every quantized variant of `model` (only `names` if given)."""
   cfg = model.config
   calib = np.random.default_rng(0).integers(
       0, 256, (256, cfg.image_size, cfg.image_size, cfg.channels)).astype(np.uint8)
   # Random images stand in for training images: speed does not depend on them.
   calib_split = data_lib.Split(calib, np.zeros(len(calib), np.int32), origin="train")
-  return {
-      "fp32": model,
-      "weight-int8": quantize.weight_only(8)(model),
-      "weight-int4": quantize.weight_only(4)(model),
-      "dynamic-int8": quantize.dynamic_int8()(model),
-      "static-int8": quantize.static_int8(calib_split, progress=False)(model),
-      "w8a8-matmuls": ptq.quantize_model(model, "minmax", calib_split, progress=False),
-      "w8a8-all-sites": ptq.quantize_model(model, "minmax", calib_split,
-                                           layernorm_inputs=True, progress=False),
+  build = {
+      "fp32": lambda: model,
+      "weight-int8": lambda: quantize.weight_only(8)(model),
+      "weight-int4": lambda: quantize.weight_only(4)(model),
+      "dynamic-int8": lambda: quantize.dynamic_int8()(model),
+      "static-int8": lambda: quantize.static_int8(calib_split, progress=False)(model),
+      "w8a8-matmuls": lambda: ptq.quantize_model(model, "minmax", calib_split,
+                                                 progress=False),
+      "w8a8-all-sites": lambda: ptq.quantize_model(model, "minmax", calib_split,
+                                                   layernorm_inputs=True, progress=False),
   }
+  unknown = sorted(set(names or ()) - set(build))
+  if unknown:
+    raise ValueError(f"unknown variants {unknown}; choose from {sorted(build)}")
+  return {name: make() for name, make in build.items() if names is None or name in names}
 
 
 if __name__ == "__main__":

@@ -79,16 +79,13 @@ def forward_fn(model: Model, batch: int, options: Options | None = None
   return lambda: predict(model, images)
 
 
-def round_times(models: dict[str, Model], batch: int, *, rounds: int = 5,
-                calls: int = 5, options: Mapping[str, Options] | None = None,
+def round_robin(fns: Mapping[str, Callable[[], object]], *, rounds: int, calls: int,
                 warmup: int = 3) -> dict[str, list[float]]:
-  """Seconds per batch-`batch` forward of each model in every round, timed
-  round-robin: every round times `calls` calls of each model in turn (after a
-  warm-up), so slow drift of the machine (other load, frequency) hits all
-  models alike. `options[name]` compiles model `name` (default: XLA's);
-  `warmup` calls of each precede the rounds."""
-  options = options or {}
-  fns = {name: forward_fn(m, batch, options.get(name)) for name, m in models.items()}
+  """Seconds per call of each zero-argument function in every round: after
+  `warmup` calls of each, every round times `calls` calls of each function in
+  turn (each call waited for with `block_until_ready`), so slow drift of the
+  machine (other load, frequency) hits all alike. Any callables: the peer
+  benchmark times PyTorch modules with it too."""
   for fn in fns.values():
     for _ in range(warmup):
       jax.block_until_ready(fn())
@@ -100,6 +97,16 @@ def round_times(models: dict[str, Model], batch: int, *, rounds: int = 5,
         jax.block_until_ready(fn())
       samples[name].append((time.perf_counter() - t) / calls)
   return samples
+
+
+def round_times(models: dict[str, Model], batch: int, *, rounds: int = 5,
+                calls: int = 5, options: Mapping[str, Options] | None = None,
+                warmup: int = 3) -> dict[str, list[float]]:
+  """`round_robin` of every model's batch-`batch` inference (`forward_fn`);
+  `options[name]` compiles model `name` (default: XLA's)."""
+  options = options or {}
+  fns = {name: forward_fn(m, batch, options.get(name)) for name, m in models.items()}
+  return round_robin(fns, rounds=rounds, calls=calls, warmup=warmup)
 
 
 def side_by_side(models: dict[str, Model], batch: int, *, rounds: int = 5,

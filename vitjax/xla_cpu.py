@@ -1,13 +1,13 @@
 """How XLA compiles a model's inference on the CPU: the YNNPACK choice, measured.
 
 XLA's CPU backend (jaxlib 0.10) hands dots, and the reductions and elementwise
-ops around them, to YNNPACK fusions by default. That is the only fast kernel
-for int8 x int8 -> int32 dots (without it they run 2.4x slower at DeiT-tiny
-batch 64, benchmarks/RESULTS.md), but for float matmuls at ViT shapes XLA's own
-Eigen-backed dot is often faster: DeiT-tiny fp32 batch 64 took 2.27 s with
-YNNPACK fusions off against 2.97 s with them on, on this project's 2-core AMD
-EPYC, while on the tiny Fashion-MNIST model it went the other way at batch 256.
-Neither choice wins everywhere, so vitjax measures it.
+ops around them, to YNNPACK fusions by default. That is XLA's only fast kernel
+for int8 x int8 -> int32 dots, but for float matmuls at ViT shapes XLA's own
+Eigen-backed dot is often faster: in benchmarks/peer.py on this project's
+2-core AMD EPYC, DeiT-tiny fp32 at batch 64 took 2.07 s with YNNPACK fusions
+off against 2.86 s with XLA's default, while the tiny Fashion-MNIST model
+kept XLA's default at batch 64. Neither choice wins everywhere, so vitjax
+measures it.
 
 `vitjax.evaluate.fastest_options(model, batch)` times the forward pass
 compiled with each of `CANDIDATES` on this machine and returns the faster
