@@ -75,8 +75,9 @@ def random_model(cfg: ViTConfig) -> model_lib.Model:
 def torch_variants(model: model_lib.Model) -> dict[str, torch.nn.Module]:
   fp32 = torch_vit.TorchViT(model).eval()
   out = {"torch-fp32": fp32,
+         # quantize_dynamic returns a quantized copy; fp32 stays as it is
          "torch.ao-int8": torch.ao.quantization.quantize_dynamic(
-             torch_vit.TorchViT(model).eval(), {torch.nn.Linear}, dtype=torch.qint8)}
+             fp32, {torch.nn.Linear}, dtype=torch.qint8)}
   try:
     import torchao.quantization as tq
   except ImportError:

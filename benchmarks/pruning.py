@@ -7,7 +7,7 @@ Structured pruning slices heads and neurons out, so its model is smaller dense
 work; unstructured and N:M masks keep the dense matmul (XLA on CPU and GPU has
 no sparse kernel for them), so they are expected to run no faster; low-rank
 runs two thin matmuls. All variants are timed round-robin in one process
-(`evaluate.side_by_side`); the figures are ratios to the unpruned model.
+(`evaluate.round_times`); the figures are ratios to the unpruned model.
 Figures recorded on this project's machines: benchmarks/RESULTS.md.
 """
 

@@ -8,7 +8,7 @@
 
 Uses the trained checkpoint if given (accuracy is not measured here; speed does
 not depend on the weights' values), else a random model of the preset. All
-variants are timed round-robin in one process (`evaluate.side_by_side`), and
+variants are timed round-robin in one process (`evaluate.round_times`), and
 the ratios to fp32 are printed; a variant slower than fp32 is said to be.
 Figures recorded on this project's machines: benchmarks/RESULTS.md.
 """

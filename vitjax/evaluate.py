@@ -6,7 +6,7 @@ median; numbers measured in one process side by side are comparable, numbers
 from different runs less so.
 
 Every function takes optional XLA compiler `options` (`jax.jit`'s
-`compiler_options`, e.g. from `vitjax.xla_cpu.choose_inference_options`);
+`compiler_options`, e.g. from `fastest_options`);
 without them XLA's defaults apply. One executable is compiled per distinct
 options, model structure and batch shape, and reused across calls.
 """
@@ -107,14 +107,6 @@ def round_times(models: dict[str, Model], batch: int, *, rounds: int = 5,
   options = options or {}
   fns = {name: forward_fn(m, batch, options.get(name)) for name, m in models.items()}
   return round_robin(fns, rounds=rounds, calls=calls, warmup=warmup)
-
-
-def side_by_side(models: dict[str, Model], batch: int, *, rounds: int = 5,
-                 calls: int = 5, options: Mapping[str, Options] | None = None
-                 ) -> dict[str, float]:
-  """Median over rounds of `round_times`: seconds per batch-`batch` forward."""
-  times = round_times(models, batch, rounds=rounds, calls=calls, options=options)
-  return {name: statistics.median(v) for name, v in times.items()}
 
 
 def ratio_spread(reference: list[float] | tuple[float, ...],
