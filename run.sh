@@ -27,7 +27,7 @@ install_python() {
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "run.sh: installing vitjax and its pinned dependencies into .venv" >&2
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test]'
+    .venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test,interop]'
     echo "$want" > "$stamp"
   fi
 }

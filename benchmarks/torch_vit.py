@@ -6,7 +6,7 @@ to torch's [out, in]; the patch embedding's (p*p*C, dim) matrix reshaped to a
 conv kernel (dim, C, p, p)), so the two compute the same logits
 (tests/test_peer.py checks it) and a speed comparison compares the same
 arithmetic. Blocks use timm's formulation: fused qkv Linear,
-`F.scaled_dot_product_attention`, tanh-approximated GELU (flax's default).
+`F.scaled_dot_product_attention`, the config's GELU and LayerNorm epsilon.
 The whole inference path matches vitjax's `evaluate` one: uint8 NHWC pixels
 in, normalization, forward, argmax.
 
@@ -36,20 +36,21 @@ def _linear(p: dict) -> nn.Linear:
   return layer
 
 
-def _layernorm(p: dict) -> nn.LayerNorm:
-  norm = nn.LayerNorm(len(p["scale"]), eps=1e-6)
+def _layernorm(p: dict, eps: float) -> nn.LayerNorm:
+  norm = nn.LayerNorm(len(p["scale"]), eps=eps)
   norm.weight.data, norm.bias.data = _t(p["scale"]), _t(p["bias"])
   return norm
 
 
 class Block(nn.Module):
-  """timm's pre-norm block: fused qkv, SDPA, tanh GELU MLP."""
+  """timm's pre-norm block: fused qkv, SDPA, GELU MLP."""
 
-  def __init__(self, p: dict, heads: int):
+  def __init__(self, p: dict, heads: int, eps: float, gelu: str):
     super().__init__()
     att, mlp = p["MultiHeadDotProductAttention_1"], p["MlpBlock_3"]
-    self.heads = heads
-    self.norm1, self.norm2 = _layernorm(p["LayerNorm_0"]), _layernorm(p["LayerNorm_2"])
+    self.heads, self.gelu = heads, "none" if gelu == "erf" else "tanh"
+    self.norm1 = _layernorm(p["LayerNorm_0"], eps)
+    self.norm2 = _layernorm(p["LayerNorm_2"], eps)
     q, k, v = (_linear(att[n]) for n in ("query", "key", "value"))
     self.qkv = nn.Linear(q.in_features, 3 * q.out_features)
     self.qkv.weight.data = torch.cat([q.weight.data, k.weight.data, v.weight.data])
@@ -62,7 +63,7 @@ class Block(nn.Module):
     qkv = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
     y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
     x = x + self.proj(y.transpose(1, 2).reshape(b, t, -1))
-    return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
+    return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate=self.gelu))
 
 
 class TorchViT(nn.Module):
@@ -91,14 +92,14 @@ class TorchViT(nn.Module):
     conv = emb.reshape(cfg.patch_size, cfg.patch_size, c_in, cfg.dim).transpose(3, 2, 0, 1)
     self.embed.weight.data = _t(conv).contiguous()
     self.embed.bias.data = _t(p["embedding"]["bias"])
-    self.embed_norm = _layernorm(p["embedding_norm"]) if cfg.tokenizer == "spt" else None
+    self.embed_norm = _layernorm(p["embedding_norm"], cfg.norm_eps) if cfg.tokenizer == "spt" else None
     prefix = [_t(p[n]) for n in ("cls", "dist") if n in p]
     self.prefix = nn.Parameter(torch.cat(prefix, dim=1)) if prefix else None
     self.pos = nn.Parameter(_t(p["pos_embedding"]))
     enc = p["Transformer"]
-    self.blocks = nn.ModuleList(Block(enc[f"encoderblock_{i}"], cfg.heads(i))
-                                for i in range(cfg.depth))
-    self.norm = _layernorm(enc["encoder_norm"])
+    self.blocks = nn.ModuleList(Block(enc[f"encoderblock_{i}"], cfg.heads(i), cfg.norm_eps,
+                                      cfg.gelu) for i in range(cfg.depth))
+    self.norm = _layernorm(enc["encoder_norm"], cfg.norm_eps)
     self.head = _linear(p["head"])
     self.head_dist = _linear(p["head_dist"]) if cfg.distilled else None
     self.register_buffer("mean", _t(cfg.pixel_mean).reshape(1, -1, 1, 1))

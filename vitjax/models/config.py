@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+import typing
+from typing import Any, Literal
+
+Gelu = Literal["tanh", "erf"]
+GELUS: tuple[str, ...] = typing.get_args(Gelu)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +42,10 @@ class ViTConfig:
       keeps it. Default 0 (no shift).
     pixel_std: per-channel standard deviation on the same scale (> 0),
       divided out after the mean. Default 1.
+    gelu: the MLP's GELU: "tanh" (the tanh approximation; flax's and
+      big_vision's default) or "erf" (exact; timm's and Hugging Face's).
+    norm_eps: epsilon of every LayerNorm (1e-6 in big_vision and timm, 1e-12
+      in Hugging Face's ViT and DeiT).
   """
 
   image_size: int = 28
@@ -56,6 +64,8 @@ class ViTConfig:
   dtype: str = "float32"
   pixel_mean: tuple[float, ...] = (0.0,)
   pixel_std: tuple[float, ...] = (1.0,)
+  gelu: Gelu = "tanh"
+  norm_eps: float = 1e-6
 
   def __post_init__(self) -> None:
     for name in ("image_size", "patch_size", "channels", "num_classes", "dim",
@@ -75,6 +85,12 @@ class ViTConfig:
       raise ValueError(f"ViTConfig.pool must be 'tok' or 'gap', got {self.pool!r}")
     if self.tokenizer not in ("patch", "spt"):
       raise ValueError(f"ViTConfig.tokenizer must be 'patch' or 'spt', got {self.tokenizer!r}")
+    if self.gelu not in GELUS:
+      raise ValueError(f"ViTConfig.gelu must be one of {GELUS}, got {self.gelu!r}")
+    if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or \
+        not 0 < self.norm_eps < 1:
+      raise ValueError(f"ViTConfig.norm_eps must be a number in (0, 1), got {self.norm_eps!r}")
+    object.__setattr__(self, "norm_eps", float(self.norm_eps))
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(
           f"ViTConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")

@@ -2,8 +2,8 @@
 
 Parameter names follow big_vision's `vit.py` (`embedding`, `cls`, `dist`,
 `pos_embedding`, `Transformer/encoderblock_{i}`, `encoder_norm`, `head`,
-`head_dist`), so a converter from its checkpoints needs little renaming (none
-is written yet; only vitjax's own checkpoints load). Every linear layer
+`head_dist`), so its checkpoints load with little renaming
+(`vitjax.models.convert` also reads timm and Hugging Face ones). Every linear layer
 (patch embedding, q/k/v/out, MLP, heads) is a `Linear`, which calls the one
 polymorphic `vitjax.leaves.linear`: a kernel may be a plain array or any
 compressed leaf, and nothing here changes.
@@ -100,15 +100,16 @@ class Attention(nn.Module):
 
 
 class MlpBlock(nn.Module):
-  """Two linear layers with GELU between them."""
+  """Two linear layers with GELU (tanh-approximated, or exact) between them."""
 
   hidden: int
   dim: int
+  exact_gelu: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = Linear(self.hidden, bias_init=nn.initializers.normal(1e-6), name="Dense_0")(x)
-    x = sites.value(self, "gelu", nn.gelu(x))
+    x = sites.value(self, "gelu", nn.gelu(x, approximate=not self.exact_gelu))
     return Linear(self.dim, bias_init=nn.initializers.normal(1e-6), name="Dense_1")(x)
 
 
@@ -118,15 +119,17 @@ class EncoderBlock(nn.Module):
   heads: int
   head_dim: int
   mlp_dim: int
+  norm_eps: float = 1e-6
+  exact_gelu: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     dim = x.shape[-1]
-    y = LayerNorm(name="LayerNorm_0")(x)
+    y = LayerNorm(self.norm_eps, name="LayerNorm_0")(x)
     x = x + Attention(self.heads, self.head_dim, dim,
                       name="MultiHeadDotProductAttention_1")(y)
-    y = LayerNorm(name="LayerNorm_2")(x)
-    x = x + MlpBlock(self.mlp_dim, dim, name="MlpBlock_3")(y)
+    y = LayerNorm(self.norm_eps, name="LayerNorm_2")(x)
+    x = x + MlpBlock(self.mlp_dim, dim, self.exact_gelu, name="MlpBlock_3")(y)
     self.sow("intermediates", "features", x)
     return x
 
@@ -138,9 +141,9 @@ class Encoder(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     for i in range(cfg.depth):
-      x = EncoderBlock(cfg.heads(i), cfg.head_dim, cfg.mlp_width(i),
-                       name=f"encoderblock_{i}")(x)
-    return LayerNorm(name="encoder_norm")(x)
+      x = EncoderBlock(cfg.heads(i), cfg.head_dim, cfg.mlp_width(i), cfg.norm_eps,
+                       cfg.gelu == "erf", name=f"encoderblock_{i}")(x)
+    return LayerNorm(cfg.norm_eps, name="encoder_norm")(x)
 
 
 def patchify(images: jax.Array, patch: int) -> jax.Array:
@@ -206,7 +209,7 @@ class VisionTransformer(nn.Module):
     images = jnp.asarray(images, dtype)  # numpy input too (AQT needs JAX arrays)
     if cfg.tokenizer == "spt":
       patches = patchify(shifted_views(images, cfg.patch_size // 2), cfg.patch_size)
-      patches = LayerNorm(name="embedding_norm")(patches)
+      patches = LayerNorm(cfg.norm_eps, name="embedding_norm")(patches)
     else:
       patches = patchify(images, cfg.patch_size)
     x = Linear(cfg.dim, name="embedding")(patches)
