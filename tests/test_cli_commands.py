@@ -276,3 +276,37 @@ def test_a_resize_is_said_not_silent(world, tmp_path, capsys):
                    "--data-dir", str(tmp_path)]) == 0
   assert "the 14x14 images are resized (bilinear) to the model's 28x28" in \
       capsys.readouterr().out
+
+
+def test_import_finetune_quantize_export_from_a_timm_file(world, tmp_path, capsys):
+  import timm_reference
+  import torch
+  torch.manual_seed(0)
+  source = timm_reference.TimmViT(img_size=32, patch_size=8, embed_dim=48, depth=1,
+                                  num_heads=3, num_classes=1000, distilled=True)
+  timm_reference.save(source, tmp_path / "src", "deit_tiny_distilled_patch8_32")
+  imported = tmp_path / "imported"
+  assert cli.main(["import", str(tmp_path / "src"), "--out", str(imported), "--image-size",
+                   "28"]) == 2
+  assert "image_size=28 cannot be used" in capsys.readouterr().err
+  assert not imported.exists()
+  assert cli.main(["import", str(tmp_path / "src"), "--out", str(imported), "--num-classes",
+                   "4", "--image-size", "16", "--channels", "1"]) == 0
+  out = capsys.readouterr().out
+  assert "read" in out and "as timm" in out and "adapted to 16x16x1 images" in out
+  model = export.load_model(imported)
+  assert (model.config.num_classes, model.config.image_size, model.config.channels,
+          model.config.gelu) == (4, 16, 1, "erf")
+  assert cli.main(["train", "--init", str(imported), *_data(world), "--steps", "8",
+                   "--out", str(tmp_path / "ft")]) == 0
+  assert "top-1" in capsys.readouterr().out
+  assert cli.main(["quantize", str(tmp_path / "ft"), "--method", "dynamic-int8", *_data(world),
+                   "--out", str(tmp_path / "q")]) == 0
+  capsys.readouterr()
+  assert cli.main(["export", str(tmp_path / "q"), "--out", str(tmp_path / "art")]) == 0
+  out = capsys.readouterr().out
+  assert re.search(r"[1-9]\d* integer dot_general ops", out), out
+  assert "max |logit difference| 0.00e+00" in out
+  (tmp_path / "w.pth").write_bytes(b"\x80")
+  assert cli.main(["import", str(tmp_path / "w.pth"), "--out", str(tmp_path / "x")]) == 2
+  assert "pickle" in capsys.readouterr().err

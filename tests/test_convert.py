@@ -5,6 +5,7 @@ bad files are refused with errors that name the problem."""
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -13,7 +14,9 @@ import torch
 
 import timm_reference
 from vitjax import model as model_lib
-from vitjax.models import convert
+from vitjax.models import adapt, convert
+from vitjax.models.config import ViTConfig
+from vitjax.models.inputs import preprocess
 
 
 def _images(n: int, size: int, channels: int = 3, seed: int = 0) -> np.ndarray:
@@ -244,3 +247,69 @@ def test_unknown_architecture_format_and_overrides_are_refused(tmp_path):
   (tmp_path / "cfg.json").write_text(json.dumps({}))
   with pytest.raises(convert.ConversionError, match="unknown checkpoint suffix"):
     convert.load(tmp_path / "cfg.json")
+
+
+# ------------------------------------------------------------ adapting
+
+
+def _noisy(config, seed=0):
+  model = model_lib.init(config, seed)
+  rng = np.random.default_rng(seed)
+  params = jax.tree_util.tree_map(
+      lambda a: (np.asarray(a) + rng.normal(0, 0.3, np.shape(a))).astype(np.float32),
+      model.params)
+  return model_lib.Model(config, params)
+
+
+RGB = ViTConfig(image_size=32, patch_size=8, channels=3, num_classes=5, dim=48, depth=2,
+                num_heads=3, mlp_dim=64, distilled=True, gelu="erf",
+                pixel_mean=(0.5, 0.4, 0.3), pixel_std=(0.2, 0.25, 0.3))
+
+
+def test_grayscale_adaptation_computes_the_rgb_model_on_gray_images():
+  model = _noisy(RGB)
+  gray = adapt.set_channels(model, 1)
+  assert gray.config.channels == 1 and gray.params["embedding"]["kernel"].shape == (64, 48)
+  images = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 1)).astype(np.uint8)
+  theirs = np.asarray(model_lib.apply(model, preprocess(images, model.config)))
+  ours = np.asarray(model_lib.apply(gray, preprocess(images, gray.config)))
+  _assert_close(ours, theirs)
+  back = adapt.set_channels(gray, 3)  # mean of three equal channels: the same function
+  np.testing.assert_allclose(
+      np.asarray(model_lib.apply(back, preprocess(images, back.config))), ours, atol=1e-4)
+  with pytest.raises(ValueError, match="channels=2"):
+    adapt.set_channels(model, 2)
+  with pytest.raises(ValueError, match="tokenizer 'patch'"):
+    adapt.set_channels(_noisy(RGB.replace(tokenizer="spt", distilled=False)), 1)
+
+
+def test_position_resampling_keeps_prefix_entries_and_interpolates_the_grid():
+  model = _noisy(RGB)
+  big = adapt.resample_positions(model, 64)
+  pos, new = np.asarray(model.params["pos_embedding"]), big.params["pos_embedding"]
+  assert big.config.image_size == 64 and new.shape == (1, 2 + 64, 48)
+  np.testing.assert_array_equal(new[:, :2], pos[:, :2])
+  grid = pos[0, 2:].reshape(4, 4, 48)
+  np.testing.assert_allclose(new[0, 2:].reshape(8, 8, 48)[0, 0], grid[0, 0], atol=1e-6)
+  np.testing.assert_allclose(new[0, 2:].reshape(8, 8, 48)[-1, -1], grid[-1, -1], atol=1e-6)
+  same = adapt.resample_positions(model, 32)
+  np.testing.assert_array_equal(same.params["pos_embedding"], pos)
+  assert np.asarray(model_lib.apply(big, _images(2, 64))).shape == (2, 5)
+  with pytest.raises(ValueError, match="image_size=28 cannot be used.*multiple of patch_size=8"):
+    adapt.resample_positions(model, 28)
+
+
+def test_new_head_and_adapt_refuse_what_they_cannot_do():
+  model = _noisy(RGB)
+  ten = adapt.adapt(model, num_classes=10, image_size=16, channels=1)
+  assert (ten.config.num_classes, ten.config.image_size, ten.config.channels) == (10, 16, 1)
+  assert ten.params["head"]["kernel"].shape == (48, 10) and \
+      ten.params["head_dist"]["kernel"].shape == (48, 10)
+  assert not np.any(ten.params["head"]["kernel"])
+  with pytest.raises(ValueError, match="num_classes must be a positive int"):
+    adapt.new_head(model, 0)
+  with pytest.raises(ValueError, match="needs num_classes, image_size or channels"):
+    adapt.adapt(model)
+  from vitjax.transforms import quantize
+  with pytest.raises(ValueError, match="compressed"):
+    adapt.new_head(quantize.weight_only(8)(model), 3)

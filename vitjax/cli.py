@@ -1,4 +1,5 @@
-"""`vitjax` command line: train, eval, quantize, prune, lowrank, distill, survey."""
+"""`vitjax` command line: import, train, eval, quantize, prune, lowrank, distill,
+export, survey."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import time
 from typing import Callable, Sequence
 
 import jax
+import numpy as np
 
 from vitjax import data as data_lib
-from vitjax import distill, evaluate, export, plots, recipes, sharding, survey, train
+from vitjax import distill, evaluate, export, plots, recipes, sharding, stablehlo, survey, train
 from vitjax import model as model_lib
-from vitjax.models.config import PRESETS
+from vitjax.models import adapt, convert
+from vitjax.models.config import GELUS, PRESETS
+from vitjax.models.inputs import preprocess
 from vitjax.quantizers import uniform
 from vitjax.transforms import lowrank, prune, ptq, quantize, structured
 
@@ -111,12 +115,22 @@ def start_run(out: pathlib.Path, overwrite: bool, model_dir: pathlib.Path) -> No
 
 def cmd_train(args: argparse.Namespace) -> int:
   dataset = _load_data(args)
-  config = recipes.model_config(args.preset, dataset)
+  init = export.load_model(recipes.model_dir_of(args.init)) if args.init else None
+  if init is not None:
+    config = init.config
+    if config.num_classes != dataset.num_classes:
+      raise ValueError(f"--init {args.init} has {config.num_classes} classes, the data "
+                       f"{dataset.num_classes}; give it a new head first (vitjax import "
+                       f"... --num-classes {dataset.num_classes})")
+    recipe = recipes.TRANSFER_RECIPE
+  else:
+    config = recipes.model_config(args.preset, dataset)
+    recipe = recipes.teacher_recipe(args.preset)
   _check_data(dataset, config)
-  images = recipes.teacher_images(args.preset, dataset,
-                                  hold_out_validation=args.hold_out_validation)
-  cfg = recipes.teacher_train_config(
-      args.preset, len(images), epochs=args.epochs, steps=args.steps,
+  images = recipes.recipe_images(recipe, dataset,
+                                 hold_out_validation=args.hold_out_validation)
+  cfg = recipes.train_config(
+      recipe, len(images), epochs=args.epochs, steps=args.steps,
       batch_size=args.batch_size, learning_rate=args.lr, patch_dropout=args.patch_dropout,
       seed=args.seed, fsdp=args.fsdp)
   run_dir = pathlib.Path(args.out)
@@ -127,11 +141,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"reusing the finished run in {run_dir} if it was trained with these settings "
           "and data (--overwrite trains again)")
   else:
-    print(f"training {args.preset} ViT ({config.depth} blocks, dim {config.dim}, patch "
-          f"{config.patch_size}) on {len(images)} images for {cfg.steps} steps of "
+    what = f"{args.init} ({adapt.describe(config)})" if init else \
+        f"{args.preset} ViT ({config.depth} blocks, dim {config.dim}, patch " \
+        f"{config.patch_size})"
+    print(f"training {what} on {len(images)} images for {cfg.steps} steps of "
           f"{cfg.batch_size}; run directory {run_dir}")
   start = time.perf_counter()
-  model = recipes.train_teacher(run_dir, config, images, cfg, seed=args.seed)
+  model = recipes.train_teacher(run_dir, config, images, cfg, seed=args.seed, init=init)
   print(f"took {time.perf_counter() - start:.0f} s")
   r = evaluate.report(model, dataset.test, disk_bytes=export.disk_bytes(model_dir),
                       choose_options=evaluate.fastest_options)
@@ -395,6 +411,79 @@ def cmd_survey(args: argparse.Namespace) -> int:
   return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+  try:
+    return tuple(float(v) for v in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated numbers")
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+  out = pathlib.Path(args.out)
+  export.check_output_path(out, args.overwrite)
+  overrides = {k: v for k, v in (("num_heads", args.num_heads),
+                                 ("pixel_mean", args.pixel_mean),
+                                 ("pixel_std", args.pixel_std), ("gelu", args.gelu),
+                                 ("norm_eps", args.norm_eps)) if v is not None}
+  start = time.perf_counter()
+  imported = convert.read(args.source, format=args.format, **overrides)
+  model = imported.model
+  print(f"read {args.source} as {imported.format}: {adapt.describe(model.config)}")
+  for note in imported.notes:
+    print(f"  note: {note}")
+  if args.num_classes or args.image_size or args.channels:
+    model = adapt.adapt(model, num_classes=args.num_classes, image_size=args.image_size,
+                        channels=args.channels)
+    print(f"adapted to {adapt.describe(model.config)}")
+  size = export.save_model(model, out, overwrite=args.overwrite, metadata={
+      "imported_from": str(args.source), "format": imported.format,
+      "notes": list(imported.notes), "adapted": {
+          "num_classes": args.num_classes, "image_size": args.image_size,
+          "channels": args.channels}})
+  print(f"wrote {out} ({size / 1e6:.2f} MB, {model_lib.param_count(model) / 1e6:.2f} M "
+        f"parameters) in {time.perf_counter() - start:.1f} s")
+  return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+  model_dir = recipes.model_dir_of(args.checkpoint)
+  model = export.load_model(model_dir)
+  out = pathlib.Path(args.out or f"{model_dir.parent if model_dir.name == recipes.MODEL_DIR else model_dir}-stablehlo")
+  batch = None if args.batch == "dynamic" else int(args.batch)
+  start = time.perf_counter()
+  signature = stablehlo.save(model, out, batch=batch, input_shape=args.input_shape,
+                             input_dtype=args.input_dtype, platforms=args.platforms,
+                             overwrite=args.overwrite)
+  mlir = (out / stablehlo.MLIR).read_text()
+  forward = stablehlo.load(out)
+  images = stablehlo.random_images(signature, 2 if batch is None else batch)
+  got = np.asarray(forward(images))
+  want = np.asarray(jax.jit(lambda x: model_lib.apply(model, preprocess(x, model.config)))(
+      images))
+  print(f"wrote {out} in {time.perf_counter() - start:.1f} s: input "
+        f"{signature['input']['shape']} {signature['input']['dtype']}, platforms "
+        f"{signature['platforms']}, {stablehlo.integer_dots(mlir)} integer dot_general ops, "
+        f"{export.disk_bytes(out) / 1e6:.2f} MB; reloaded: max |logit difference| "
+        f"{np.abs(got - want).max():.2e}")
+  return 0
+
+
+def _shape(text: str) -> tuple[int, ...]:
+  try:
+    shape = tuple(int(v) for v in text.lower().split("x"))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not HxWxC, e.g. 28x28x1")
+  if len(shape) != 3 or min(shape) < 1:
+    raise argparse.ArgumentTypeError(f"{text!r} is not HxWxC with positive sizes")
+  return shape
+
+
+def _batch(text: str) -> str:
+  if text != "dynamic" and not (text.isdigit() and int(text) >= 1):
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a positive int nor 'dynamic'")
+  return text
+
+
 def vars_json(args: argparse.Namespace) -> dict:
   """The parsed arguments that shape a run's result, as JSON-ready metadata
   (not where it is written, nor how processes meet)."""
@@ -407,6 +496,43 @@ def build_parser() -> argparse.ArgumentParser:
       prog="vitjax", description="Make Vision Transformers smaller and faster.")
   sub = parser.add_subparsers(dest="command", required=True)
 
+  p = sub.add_parser("import", help="convert a timm / Hugging Face / big_vision ViT "
+                                    "into a vitjax checkpoint")
+  p.add_argument("source", help="a .safetensors or .npz file, or a model directory "
+                                "(with config.json); pickles (.bin/.pth/.pt) are refused")
+  p.add_argument("--out", required=True, help="the vitjax model directory to write")
+  p.add_argument("--format", default=None, choices=convert.FORMATS,
+                 help="default: detected from the tensor names")
+  p.add_argument("--num-heads", type=POSITIVE_INT, default=None,
+                 help="attention heads (timm files do not say; default from config.json "
+                      "or the architecture name, else width / 64)")
+  p.add_argument("--pixel-mean", type=_floats, default=None, help="e.g. 0.485,0.456,0.406")
+  p.add_argument("--pixel-std", type=_floats, default=None, help="e.g. 0.229,0.224,0.225")
+  p.add_argument("--gelu", default=None, choices=GELUS)
+  p.add_argument("--norm-eps", type=POSITIVE, default=None)
+  p.add_argument("--num-classes", type=POSITIVE_INT, default=None,
+                 help="replace the head by a zero one for this many classes")
+  p.add_argument("--image-size", type=POSITIVE_INT, default=None,
+                 help="resample the position embedding for this image size")
+  p.add_argument("--channels", type=int, choices=[1, 3], default=None,
+                 help="1: fold an RGB model to read grayscale exactly as gray-to-RGB")
+  p.add_argument("--overwrite", action="store_true")
+  p.set_defaults(func=cmd_import)
+
+  p = sub.add_parser("export", help="write a deployable StableHLO artifact (jax.export)")
+  p.add_argument("checkpoint", help="a run directory or its model/ directory")
+  p.add_argument("--format", default="stablehlo", choices=["stablehlo"])
+  p.add_argument("--batch", type=_batch, default="dynamic",
+                 help="a fixed batch size, or 'dynamic' (symbolic, the default)")
+  p.add_argument("--input-shape", type=_shape, default=None,
+                 help="raw image HxWxC (default: the model's); resized inside")
+  p.add_argument("--input-dtype", default="uint8", choices=stablehlo.INPUT_DTYPES)
+  p.add_argument("--platforms", nargs="+", default=None, choices=stablehlo.PLATFORMS,
+                 help="lowering platforms (default: this machine's backend)")
+  p.add_argument("--out", default=None, help="default: <checkpoint>-stablehlo")
+  p.add_argument("--overwrite", action="store_true")
+  p.set_defaults(func=cmd_export)
+
   p = sub.add_parser("train", help="train a ViT (the teacher) and report it")
   p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
   p.add_argument("--epochs", type=POSITIVE, default=None, help="default: the preset's recipe")
@@ -416,6 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--patch-dropout", type=FRACTION_OPEN_TOP, default=None,
                  help="fraction of patch tokens each training image drops, in [0, 1) "
                       "(default: the preset's recipe)")
+  p.add_argument("--init", default=None,
+                 help="start from this saved model (e.g. from `vitjax import`) instead of "
+                      "the preset's random init; trains with the transfer recipe "
+                      "(recipes.TRANSFER_RECIPE) unless overridden")
   p.add_argument("--seed", type=COUNT, default=0)
   p.add_argument("--fsdp", action="store_true", help="shard params over devices")
   p.add_argument("--hold-out-validation", action="store_true",
@@ -545,7 +675,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     return args.func(args)
-  except (ValueError, OSError, data_lib.DatasetError, export.CheckpointError) as e:
+  except (ValueError, OSError, data_lib.DatasetError, export.CheckpointError,
+          convert.ConversionError) as e:
     print(f"vitjax {args.command}: error: {e}", file=sys.stderr)
     return 2
 

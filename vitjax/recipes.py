@@ -39,6 +39,13 @@ TEACHER_RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# Fine-tuning a model from elsewhere (`vitjax train --init`): short, held-out
+# validation kept unseen for choosing; the zero head learns from the first step.
+TRANSFER_RECIPE: dict[str, Any] = dict(epochs=1.0, batch_size=64, learning_rate=5e-4,
+                                       warmup_steps=50, weight_decay=0.05,
+                                       label_smoothing=0.1)
+
+
 STUDENT_PRESETS = {"tiny": "tiny-student", "s16": "ti16-student", "b16": "ti16-student"}
 
 # Distillation recipes per student preset (offline cache of the teacher's logits).
@@ -175,13 +182,13 @@ def finetune(model: Model, split: data_lib.Split, steps: int, workdir: str | pat
 
 def train_teacher(run_dir: str | pathlib.Path, config: ViTConfig,
                   images: data_lib.Split, cfg: train.TrainConfig, *,
-                  seed: int = 0, progress: bool = True) -> Model:
+                  seed: int = 0, progress: bool = True, init: Model | None = None) -> Model:
   """Returns the trained model of `run_dir`, training (or resuming) it on
-  `images` if needed.
+  `images` if needed, from `init` (e.g. an imported model) or a random init.
 
   A finished `run_dir/model` is reused only when it was trained with the same
-  config, training settings, initial seed and images (recorded in its
-  metadata).
+  config, training settings, initial seed or weights, and images (recorded in
+  its metadata).
 
   Raises:
     ValueError: `run_dir` holds a model trained otherwise (the message names
@@ -191,6 +198,10 @@ def train_teacher(run_dir: str | pathlib.Path, config: ViTConfig,
   model_dir = run_dir / MODEL_DIR
   recipe = {"train": cfg.to_dict(), "seed": seed,
             "data": train.fingerprint(images.images, images.labels)}
+  if init is not None:
+    if init.config != config:
+      raise ValueError("init's config differs from the run's config")
+    recipe["init"] = train.fingerprint(init.params)
   if (model_dir / export.META_FILE).exists():
     saved = export.read_metadata(model_dir)["metadata"]
     diffs = [k for k in recipe if saved.get(k) != recipe[k]]
@@ -198,7 +209,8 @@ def train_teacher(run_dir: str | pathlib.Path, config: ViTConfig,
       raise ValueError(f"{model_dir} was trained with other {', '.join(diffs)} than this "
                        "run asks for; delete it (CLI: --overwrite) or use another directory")
     return export.load_model(model_dir, expect_config=config)
-  trained = train.fit(model_lib.init(config, seed), images, cfg,
+  start = init if init is not None else model_lib.init(config, seed)
+  trained = train.fit(start, images, cfg,
                       workdir=run_dir / TRAIN_DIR, progress=progress,
                       run_name="teacher", desc="teacher")
   export.save_model(trained, model_dir, metadata=recipe, overwrite=True)
