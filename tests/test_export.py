@@ -1,6 +1,8 @@
 """Model checkpoints: bit-identical reload, integrity checks, atomic writes."""
 
+import base64
 import json
+import zlib
 import pathlib
 
 import jax
@@ -34,15 +36,35 @@ def _compressed(seed=3):
                quantize.dynamic_int8(layers="head", requantize=True))(m)
 
 
+def _read(path):
+  """A checkpoint's description with its layout expanded (as loading sees
+  it), unverified."""
+  meta = json.loads((path / export.META_FILE).read_text())
+  if "layout" in meta:
+    meta.update(json.loads(zlib.decompress(base64.b64decode(meta.pop("layout")))))
+  return meta
+
+
+def _write(path, meta):
+  """Writes `meta` as `path`'s description as it is (no re-signing), the
+  layout compressed for version 4 and later, as `save_model` does."""
+  stored = {k: v for k, v in meta.items() if k not in export.LAYOUT_KEYS}
+  layout = {k: meta[k] for k in export.LAYOUT_KEYS if k in meta}
+  if isinstance(meta.get("version"), int) and meta["version"] >= 4:
+    stored["layout"] = base64.b64encode(zlib.compress(json.dumps(layout).encode())).decode()
+  else:
+    stored.update(layout)
+  (path / export.META_FILE).write_text(json.dumps(stored))
+
+
 def _rewrite(path, edit, *, redigest=True):
   """Applies `edit(meta)` to a checkpoint's description, re-signing it unless
   `redigest` is False (a writer bug, not a hand edit, when re-signed)."""
-  meta_path = path / export.META_FILE
-  meta = json.loads(meta_path.read_text())
+  meta = _read(path)
   edit(meta)
   if redigest:
     meta[export.DIGEST_KEY] = export.description_digest(meta)
-  meta_path.write_text(json.dumps(meta))
+  _write(path, meta)
 
 
 def test_roundtrip_gives_bit_identical_logits(tmp_path):
@@ -74,7 +96,7 @@ def test_compressed_leaves_roundtrip_on_disk_bit_identically(tmp_path):
   m = _compressed()
   export.save_model(m, tmp_path / "m")
   meta = export.read_metadata(tmp_path / "m")
-  codecs = {info["codec"] for info in meta["arrays"].values()}
+  codecs = {info["codec"] for info in meta["arrays"].values()}  # layout expanded
   assert codecs == {"raw", "int4-packed", "bits"}  # int4 packed and masks as bits on disk
   back = export.load_model(tmp_path / "m")
   for a, b in zip(jax.tree_util.tree_leaves(m.params), jax.tree_util.tree_leaves(back.params)):
@@ -332,8 +354,7 @@ def test_fuzzed_descriptions_fail_clearly_or_load_the_same_model(tmp_path, redig
   m = _compressed()
   export.save_model(m, tmp_path / "m")
   want = _logits(m)
-  meta_path = tmp_path / "m" / export.META_FILE
-  original = json.loads(meta_path.read_text())
+  original = _read(tmp_path / "m")
   paths = [p for p in _all_paths(original) if p and p[0] not in ("metadata", export.DIGEST_KEY)]
   rng = np.random.default_rng(0)
   outcomes = {"error": 0, "same": 0}
@@ -349,7 +370,7 @@ def test_fuzzed_descriptions_fail_clearly_or_load_the_same_model(tmp_path, redig
     node[path[-1]] = new
     if redigest:
       meta[export.DIGEST_KEY] = export.description_digest(meta)
-    meta_path.write_text(json.dumps(meta))
+    _write(tmp_path / "m", meta)
     try:
       back = export.load_model(tmp_path / "m")
     except export.CheckpointError:
@@ -374,3 +395,66 @@ def test_version_1_checkpoints_load_with_the_fashion_statistics(tmp_path):
   _rewrite(tmp_path / "m", to_v1, redigest=False)
   back = export.load_model(tmp_path / "m")
   assert back.config.pixel_mean == (0.2860,) and back.config.pixel_std == (0.3530,)
+
+
+def test_masked_weights_store_only_their_kept_values(tmp_path):
+  from vitjax import leaves
+  from vitjax import model as model_lib
+  m = noisy_model(TINY, 2)
+  variants = {"fp32": m, "pruned": prune.magnitude(0.5)(m),
+              "pruned-int8": quantize.weight_only(8)(prune.magnitude(0.5)(m)),
+              "pruned-int4": quantize.weight_only(4)(prune.n_m(2, 4)(m))}
+  sizes = {}
+  for name, v in variants.items():
+    export.save_model(v, tmp_path / name)
+    meta = _read(tmp_path / name)
+    kept = [i for i in meta["arrays"].values() if "kept_by" in i]
+    if name != "fp32":
+      # every pruned kernel (and, quantized, its codes) lies in the layout as kept values
+      masks = [leaf for leaf in jax.tree_util.tree_leaves(v.params, is_leaf=leaves.is_compressed)
+               if isinstance(leaf, leaves.Masked)]
+      assert len(kept) == len(masks) > 0
+      for info in kept:
+        assert info["count"] == int(np.prod(info["shape"])) // 2
+        assert meta["arrays"][info["kept_by"]]["dtype"] == "bool"
+    back = export.load_model(tmp_path / name)
+    for a, b in zip(jax.tree_util.tree_leaves(v.params), jax.tree_util.tree_leaves(back.params)):
+      assert a.dtype == b.dtype
+      np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    np.testing.assert_array_equal(_logits(back), _logits(v))
+    sizes[name] = sum(info["length"] * np.dtype(info["buffer"]).itemsize
+                      for info in meta["arrays"].values())
+    assert sizes[name] == model_lib.stored_bytes(v) or name == "fp32"
+  # values + 1 bit per value, against 32 bits: about 0.53 of the kernels' bytes
+  assert sizes["pruned"] < 0.6 * sizes["fp32"]
+  assert sizes["pruned-int8"] < 0.6 * sizes["pruned"]
+
+
+def test_masked_values_that_are_not_zero_outside_the_mask_are_stored_dense(tmp_path):
+  from vitjax import leaves
+  m = prune.magnitude(0.5)(noisy_model(TINY, 2))
+  # a hand-built leaf whose pruned entries still hold values: stored whole,
+  # so the tree reloads bit-identically
+  params = jax.tree_util.tree_map(
+      lambda x: leaves.Masked(x.w + 1.0, x.mask) if isinstance(x, leaves.Masked) else x,
+      m.params, is_leaf=leaves.is_compressed)
+  m = m.replace(params=params)
+  export.save_model(m, tmp_path / "m")
+  assert not any("kept_by" in i for i in _read(tmp_path / "m")["arrays"].values())
+  back = export.load_model(tmp_path / "m")
+  for a, b in zip(jax.tree_util.tree_leaves(m.params), jax.tree_util.tree_leaves(back.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda i: i.update(count=i["count"] + 1), "has length|keeps"),
+    (lambda i: i.update(kept_by="a0"), "not a boolean array"),
+    (lambda i: i.update(count=-1), "kept count"),
+])
+def test_a_tampered_kept_layout_is_named(tmp_path, edit, message):
+  export.save_model(prune.magnitude(0.5)(noisy_model(TINY, 2)), tmp_path / "m")
+  def change(meta):
+    edit(next(i for i in meta["arrays"].values() if "kept_by" in i))
+  _rewrite(tmp_path / "m", change)
+  with pytest.raises(export.CheckpointError, match=message):
+    export.load_model(tmp_path / "m")

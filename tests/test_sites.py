@@ -224,8 +224,7 @@ def test_ptq_checkpoints_store_integers_and_reload_bit_identically(tmp_path, rec
   np.testing.assert_array_equal(np.asarray(model_lib.apply(back, x)),
                                 np.asarray(model_lib.apply(m, x)))
   assert set(back.sites) == set(m.sites) and len(m.sites) > 20
-  import json
-  meta = json.loads((tmp_path / "q" / export.META_FILE).read_text())
+  meta = export.read_metadata(tmp_path / "q")
   stored = {info["path"]: info["dtype"] for info in meta["arrays"].values()}
   # No float shadow of any quantized weight: only codes (int4/int8) and scales.
   for path, dtype in stored.items():

@@ -11,7 +11,13 @@ A model directory holds:
 
 Arrays are stored in their own dtype: int8 stays int8, int4 is packed two
 values per byte, boolean masks one bit per value; no float copy of a quantized
-weight is written. The flattened arrays are concatenated into one buffer per
+weight is written. A leaf type that names a keep-mask (`STORE_KEPT_BY`, as
+`Masked` does) has the arrays it holds in the mask's shape stored as their
+kept values only (the mask says where they go; the rest are zero), so a 50%
+pruned weight takes half its values plus one bit per value. The bulky part of
+the description (tree, site quantizers, array layout) is stored
+zlib-compressed inside `vitjax.json` (`layout`), next to the readable config
+and metadata. The flattened arrays are concatenated into one buffer per
 stored dtype (each with a SHA-256), so a checkpoint holds a handful of arrays
 and its metadata stays small next to the weights. Saving writes into a
 temporary sibling directory and renames it into place, so an interrupted save
@@ -24,6 +30,7 @@ what is wrong.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -31,6 +38,7 @@ import os
 import pathlib
 import shutil
 import uuid
+import zlib
 from typing import Any
 
 import jax
@@ -46,13 +54,16 @@ from vitjax.model import Model
 from vitjax.models.config import ViTConfig
 
 FORMAT = "vitjax-model"
+# 4: kept-values storage of masked weights ("kept_by"/"count" in the array
+# layout) and the compressed layout ("layout").
 # 3: activation quantizers of the quantization sites ("sites").
 # 2: the description carries its own SHA-256 and the config its pixel
 # statistics. Versions 1 (no description digest) and 2 are still read;
 # version 1 models normalized uint8 pixels with Fashion-MNIST's statistics,
 # which load_model puts into the config.
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+LAYOUT_KEYS = ("tree", "sites", "arrays")
 META_FILE = "vitjax.json"
 ARRAYS_DIR = "arrays"
 DIGEST_KEY = "description_sha256"
@@ -103,9 +114,17 @@ def _codec_of(dtype: str) -> str:
   return "bits" if dtype == "bool" else "raw"
 
 
-def _encode_array(x: Any) -> tuple[np.ndarray, dict[str, Any]]:
+def _encode_array(x: Any, kept: tuple[str, np.ndarray] | None = None
+                  ) -> tuple[np.ndarray, dict[str, Any]]:
+  """Flat stored form and layout of `x`; with `kept` = (mask array name,
+  boolean mask), an array of the mask's shape that is zero (all bits)
+  outside it is stored as its kept values only."""
   x = np.asarray(x)
   info = {"dtype": str(x.dtype), "shape": list(x.shape), "codec": _codec_of(str(x.dtype))}
+  if kept is not None and x.shape == kept[1].shape and x.dtype != bool and \
+      not np.any(x[~kept[1]].view(np.uint8)):
+    info.update(kept_by=kept[0], count=int(kept[1].sum()))
+    x = x[kept[1]]
   if info["codec"] == "int4-packed":
     stored = _pack_int4(x)
   elif info["codec"] == "bits":
@@ -115,9 +134,15 @@ def _encode_array(x: Any) -> tuple[np.ndarray, dict[str, Any]]:
   return stored.reshape(-1), info
 
 
-def _decode_array(stored: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+def _decode_array(stored: np.ndarray, info: dict[str, Any],
+                  mask: np.ndarray | None = None) -> np.ndarray:
+  """Inverse of `_encode_array`; `mask` is the decoded `kept_by` array."""
   shape, codec = tuple(info["shape"]), info["codec"]
   dtype = np.dtype(getattr(ml_dtypes, info["dtype"], None) or info["dtype"])
+  if mask is not None:
+    full = np.zeros(shape, dtype)
+    full[mask] = _decode_array(stored, {**info, "shape": [info["count"]]})
+    return full
   if codec == "int4-packed":
     return _unpack_int4(stored, shape, dtype)
   if codec == "bits":
@@ -176,27 +201,35 @@ def _is_static(field: dataclasses.Field) -> bool:
 
 
 def _encode(node: Any, key: str, arrays: dict[str, np.ndarray],
-            infos: dict[str, Any]) -> Any:
+            infos: dict[str, Any], kept: tuple[str, np.ndarray] | None = None) -> Any:
+  """The description of `node`, its arrays added to `arrays`/`infos`;
+  `kept` is the keep-mask of an enclosing leaf type (see `_encode_array`)."""
   if node is None:
     return None
   if isinstance(node, dict):
-    return {"dict": {k: _encode(v, f"{key}/{k}", arrays, infos) for k, v in node.items()}}
+    return {"dict": {k: _encode(v, f"{key}/{k}", arrays, infos, kept)
+                     for k, v in node.items()}}
   if isinstance(node, (list, tuple)):
-    return {"list": [_encode(v, f"{key}/{i}", arrays, infos) for i, v in enumerate(node)]}
+    return {"list": [_encode(v, f"{key}/{i}", arrays, infos, kept)
+                     for i, v in enumerate(node)]}
   if isinstance(node, (np.ndarray, jax.Array, np.generic)):
     name = f"a{len(arrays)}"
-    arrays[name], infos[name] = _encode_array(node)
+    arrays[name], infos[name] = _encode_array(node, kept)
     infos[name]["path"] = key
     return {"array": name}
   cls_name = type(node).__name__
   if dataclasses.is_dataclass(node) and leaves.storable_types().get(cls_name) is type(node):
     fields, static = {}, {}
-    for f in dataclasses.fields(node):
+    mask_field = getattr(type(node), "STORE_KEPT_BY", None)
+    ordered = sorted(dataclasses.fields(node), key=lambda f: f.name != mask_field)
+    for f in ordered:
       value = getattr(node, f.name)
       if _is_static(f):
         static[f.name] = _static_to_json(value)
       else:
-        fields[f.name] = _encode(value, f"{key}/{f.name}", arrays, infos)
+        fields[f.name] = _encode(value, f"{key}/{f.name}", arrays, infos, kept)
+        if f.name == mask_field and "array" in (fields[f.name] or {}):
+          kept = (fields[f.name]["array"], np.asarray(value, bool))
     return {"type": cls_name, "fields": fields, "static": static}
   raise CheckpointError(f"cannot store {cls_name} at {key}: not an array, dict, list "
                         f"or registered leaf type {sorted(leaves.storable_types())}")
@@ -257,8 +290,9 @@ def _decode(desc: Any, arrays: dict[str, np.ndarray], key: str, used: set[str]) 
 
 
 def _stored_layout(info: dict[str, Any]) -> tuple[str, int]:
-  """(buffer dtype, stored length) that an array's dtype, shape and codec imply."""
-  size = int(np.prod(info["shape"]))
+  """(buffer dtype, stored length) that an array's dtype, shape, codec (and
+  kept count) imply."""
+  size = info["count"] if "kept_by" in info else int(np.prod(info["shape"]))
   if info["codec"] == "int4-packed":
     return "uint8", (size + 1) // 2
   if info["codec"] == "bits":
@@ -305,6 +339,18 @@ def _check_layout(infos: Any, digests: Any, where: pathlib.Path) -> dict[str, in
     except TypeError as e:
       raise CheckpointError(f"{where}: array {name} ({info['path']}) has unknown dtype "
                             f"{info['dtype']!r}") from e
+    if "kept_by" in info:
+      mask = infos.get(info["kept_by"]) if isinstance(info["kept_by"], str) else None
+      count = info.get("count")
+      if not isinstance(mask, dict) or mask.get("dtype") != "bool" or \
+          mask.get("shape") != info["shape"] or "kept_by" in mask:
+        raise CheckpointError(f"{where}: array {name} ({info['path']}) is kept by "
+                              f"{info['kept_by']!r}, which is not a boolean array of its "
+                              f"shape {info['shape']}")
+      if not isinstance(count, int) or isinstance(count, bool) or \
+          not 0 <= count <= int(np.prod(info["shape"])):
+        raise CheckpointError(f"{where}: array {name} ({info['path']}) has kept count "
+                              f"{count!r}")
     buffer, length = _stored_layout(info)
     if info["buffer"] != buffer or buffer not in digests:
       raise CheckpointError(f"{where}: array {name} ({info['path']}) lies in buffer "
@@ -329,6 +375,23 @@ def disk_bytes(path: str | os.PathLike) -> int:
   return sum(p.stat().st_size for p in pathlib.Path(path).rglob("*") if p.is_file())
 
 
+def _describe(model: Model) -> tuple[Any, Any, dict[str, Any], dict[str, np.ndarray],
+                                     dict[str, str]]:
+  """(tree, sites, array layout, buffers, buffer digests) of a model's save."""
+  arrays: dict[str, np.ndarray] = {}
+  infos: dict[str, Any] = {}
+  tree = _encode(jax.device_get(model.params), "params", arrays, infos)
+  site_tree = _encode(jax.device_get(model.sites), "sites", arrays, infos)
+  buffers, digests = _pack(arrays, infos)
+  return tree, site_tree, infos, buffers, digests
+
+
+def stored_buffers(model: Model) -> dict[str, np.ndarray]:
+  """The 1-D buffers (one per stored dtype) that `save_model` hands to orbax
+  for `model`, before orbax's own zstd compression."""
+  return _describe(model)[3]
+
+
 def save_model(model: Model, path: str | os.PathLike, *,
                metadata: dict[str, Any] | None = None, overwrite: bool = False) -> int:
   """Writes `model` to directory `path`; returns its bytes on disk.
@@ -343,16 +406,11 @@ def save_model(model: Model, path: str | os.PathLike, *,
     raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
   check_output_path(path, overwrite)
   model_lib.check_params(model.config, model.params)
-  arrays: dict[str, np.ndarray] = {}
-  infos: dict[str, Any] = {}
   check_sites(model)
-  tree = _encode(jax.device_get(model.params), "params", arrays, infos)
-  site_tree = _encode(jax.device_get(model.sites), "sites", arrays, infos)
-  buffers, digests = _pack(arrays, infos)
+  tree, site_tree, infos, buffers, digests = _describe(model)
   meta = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
           "tree": tree, "sites": site_tree, "arrays": infos, "buffers": digests,
           "metadata": metadata or {}}
-  meta[DIGEST_KEY] = description_digest(meta)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
   try:
@@ -360,7 +418,7 @@ def save_model(model: Model, path: str | os.PathLike, *,
     checkpointer.save(tmp / ARRAYS_DIR, buffers)
     checkpointer.wait_until_finished()
     checkpointer.close()
-    (tmp / META_FILE).write_text(json.dumps(meta, separators=(",", ":")))
+    write_description(tmp, meta)
     _replace_dir(tmp, path)
   finally:
     if tmp.exists():
@@ -419,6 +477,20 @@ def check_writable_directory(path: str | os.PathLike) -> None:
     raise CheckpointError(f"output path {path} cannot be created: {parent} is not writable")
 
 
+def write_description(path: str | os.PathLike, meta: dict[str, Any]) -> None:
+  """Signs `meta` (its `description_sha256`) and writes it as the
+  `vitjax.json` of model directory `path`, the layout compressed (version 4)."""
+  meta = {k: v for k, v in meta.items() if k != DIGEST_KEY}
+  meta[DIGEST_KEY] = description_digest(meta)
+  stored = {k: v for k, v in meta.items() if k not in LAYOUT_KEYS}
+  if meta.get("version", VERSION) >= 4:
+    layout = json.dumps({k: meta[k] for k in LAYOUT_KEYS}, separators=(",", ":"))
+    stored["layout"] = base64.b64encode(zlib.compress(layout.encode(), 9)).decode()
+  else:
+    stored.update({k: meta[k] for k in LAYOUT_KEYS if k in meta})
+  (pathlib.Path(path) / META_FILE).write_text(json.dumps(stored, separators=(",", ":")))
+
+
 def description_digest(meta: dict[str, Any]) -> str:
   """SHA-256 of a checkpoint description without its own digest field (keys
   sorted, compact separators)."""
@@ -450,6 +522,23 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
   if meta["version"] == 1 and DIGEST_KEY in meta:
     raise CheckpointError(f"{meta_path} says version 1, which has no {DIGEST_KEY}, yet "
                           "carries one: its version field was edited")
+  if meta["version"] >= 4:
+    if any(k in meta for k in LAYOUT_KEYS) or not isinstance(meta.get("layout"), str):
+      raise CheckpointError(f"{meta_path} is corrupt: a version 4 description holds its "
+                            "tree, sites and arrays in a compressed 'layout' string")
+    try:
+      layout = json.loads(zlib.decompress(base64.b64decode(meta.pop("layout"),
+                                                           validate=True)))
+    except (ValueError, zlib.error) as e:
+      raise CheckpointError(f"{meta_path} is corrupt: its layout cannot be decoded ({e})"
+                            ) from e
+    if not isinstance(layout, dict) or set(layout) != set(LAYOUT_KEYS):
+      raise CheckpointError(f"{meta_path} is corrupt: its layout does not hold "
+                            f"{LAYOUT_KEYS}")
+    meta.update(layout)
+  elif "layout" in meta:
+    raise CheckpointError(f"{meta_path} says version {meta['version']}, which has no "
+                          "compressed layout, yet carries one: its version field was edited")
   if meta["version"] >= 2:
     if DIGEST_KEY not in meta:
       raise CheckpointError(f"{meta_path} is corrupt: its {DIGEST_KEY} is missing")
@@ -514,8 +603,17 @@ def load_model(path: str | os.PathLike, expect_config: ViTConfig | None = None) 
     if len(buffers[name]) != ends[name]:
       raise CheckpointError(f"{path} is corrupt: the {name} buffer holds "
                             f"{len(buffers[name])} values, its arrays {ends[name]}")
-  arrays = {name: _decode_array(buffers[info["buffer"]][
-      info["offset"]:info["offset"] + info["length"]], info) for name, info in infos.items()}
+  stored_of = lambda info: buffers[info["buffer"]][  # noqa: E731
+      info["offset"]:info["offset"] + info["length"]]
+  arrays = {name: _decode_array(stored_of(info), info) for name, info in infos.items()
+            if "kept_by" not in info}
+  for name, info in infos.items():
+    if "kept_by" in info:
+      mask = arrays[info["kept_by"]]
+      if int(mask.sum()) != info["count"]:
+        raise CheckpointError(f"{path} is corrupt: array {name} ({info['path']}) keeps "
+                              f"{info['count']} values, its mask {int(mask.sum())}")
+      arrays[name] = _decode_array(stored_of(info), info, mask)
   used: set[str] = set()
   params = _decode(meta.get("tree"), arrays, "params", used)
   if meta["version"] >= 3:

@@ -239,11 +239,27 @@ def param_count(model: Model) -> int:
           int(np.size(a)) for a in jax.tree_util.tree_leaves(model.sites))
 
 
+def _leaf_bits(leaf: Any) -> int:
+  """Bits of one tree entry as a checkpoint stores it: a leaf type naming a
+  keep-mask (`STORE_KEPT_BY`) stores its mask-shaped arrays as kept values."""
+  mask_field = getattr(type(leaf), "STORE_KEPT_BY", None)
+  if mask_field is None:
+    return sum(int(np.prod(a.shape)) * array_bits(a) for a in jax.tree_util.tree_leaves(leaf))
+  mask = np.asarray(getattr(leaf, mask_field), bool)
+  bits = mask.size
+  for a in jax.tree_util.tree_leaves([getattr(leaf, f.name) for f in dataclasses.fields(leaf)
+                                      if f.name != mask_field]):
+    dead = np.asarray(a)[~mask] if a.shape == mask.shape else None
+    kept = dead is not None and not np.any(dead.view(np.uint8))
+    bits += (int(mask.sum()) if kept else int(np.prod(a.shape))) * array_bits(a)
+  return bits
+
+
 def stored_bytes(model: Model) -> int:
   """Bytes of the parameter and site-quantizer arrays as a vitjax checkpoint
-  stores them."""
-  bits = sum(int(np.prod(a.shape)) * array_bits(a)
-             for a in jax.tree_util.tree_leaves((model.params, model.sites)))
+  stores them (masked weights as their kept values plus the mask's bits)."""
+  bits = sum(_leaf_bits(leaf) for leaf in jax.tree_util.tree_leaves(
+      (model.params, model.sites), is_leaf=lambda x: hasattr(type(x), "STORE_KEPT_BY")))
   return math.ceil(bits / 8)
 
 

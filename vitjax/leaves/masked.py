@@ -5,12 +5,12 @@ trainable), and `constrain` re-applies `w * mask` after every update, so pruned
 weights stay exactly zero through fine-tuning (the optax/jaxpruner way). The
 values may be quantized afterwards (`map_weights`): zero quantizes to zero, so
 the pattern survives, and the mask is still there to say where it is.
-On disk the mask takes one bit per value.
+On disk the mask takes one bit per value and the values only their kept part.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import flax.struct
 import jax
@@ -29,6 +29,9 @@ class Masked:
 
   w: Any
   mask: jax.Array
+  # Checkpoints store the arrays of `w` in the mask's shape as their kept
+  # values only (vitjax.export); the pruned ones are zero.
+  STORE_KEPT_BY: ClassVar[str] = "mask"
 
   @property
   def shape(self) -> tuple[int, ...]:

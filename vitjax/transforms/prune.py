@@ -1,6 +1,7 @@
 """Unstructured pruning masks: magnitude (per layer or global), N:M, gradual.
 
-Each transform turns the chosen float kernels into `Masked(w, mask)` leaves;
+Each transform turns the chosen float kernels into `Masked(w, mask)` leaves
+whose pruned values are zero (checkpoints store only the kept ones);
 training then keeps pruned weights at zero (`leaves.constrain`). As in
 jaxpruner, the scorer (|w|) and the mask rule (top-k per layer, top-k over all
 chosen layers, top-n of every m) are separate pieces.
@@ -95,7 +96,7 @@ def magnitude(sparsity: float, *, scope: str = "layer", layers: Patterns = ALL,
       mask = topk_mask(jnp.abs(values), sparsity)
     else:
       mask = jnp.asarray(np.abs(np.asarray(values)) >= threshold)
-    return Masked(values, mask)
+    return leaves.constrain(Masked(values, mask))
 
   return layer_transform(f"magnitude-{scope}-{sparsity:g}", prune, layers=layers,
                          exclude=exclude, prepare=prepare)
@@ -117,7 +118,7 @@ def n_m(n: int = 2, m: int = 4, *, layers: Patterns = ALL,
     if values.shape[0] % m:
       raise ValueError(f"M={m} does not divide layer {path}'s input dimension "
                        f"{values.shape[0]}; choose M among its divisors or exclude the layer")
-    return Masked(values, n_m_mask(jnp.abs(values), n, m))
+    return leaves.constrain(Masked(values, n_m_mask(jnp.abs(values), n, m)))
 
   return layer_transform(f"{n}:{m}", prune, layers=layers, exclude=exclude)
 
