@@ -15,8 +15,13 @@ xz/LZMA preset 9, LZMA after splitting float32 values into byte planes (the
 "shuffle" filter of Blosc/HDF5), and the order-0 entropy of each buffer's
 bytes (the bound a Huffman or ANS coder of independent bytes approaches).
 
+With `--survey DIR` it instead re-saves every model of a survey run in
+today's checkpoint format and reports both sizes (the survey's table gives
+sizes in the format of its day).
+
   python benchmarks/storage.py --preset s16 --out benchmarks/results/storage-s16.json
   python benchmarks/storage.py --checkpoint checkpoints/survey/teacher
+  python benchmarks/storage.py --survey checkpoints/survey
 """
 
 from __future__ import annotations
@@ -103,6 +108,35 @@ def measure(model: model_lib.Model, xz: bool = True) -> list[dict]:
   return rows
 
 
+def resave_survey(survey: pathlib.Path) -> tuple[list[dict], str]:
+  """Every model of a survey run re-saved in today's format: rows and a table."""
+  teacher_dir = survey / "teacher" / recipes.MODEL_DIR
+  teacher = export.load_model(teacher_dir)
+  raw = 4 * model_lib.param_count(teacher)
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for model_dir in [teacher_dir] + sorted(
+        p / recipes.MODEL_DIR for p in survey.iterdir()
+        if (p / recipes.MODEL_DIR / export.META_FILE).exists() and p.name != "teacher"):
+      model = export.load_model(model_dir)
+      new = export.save_model(model, pathlib.Path(tmp) / model_dir.parent.name)
+      rows.append({"method": model_dir.parent.name,
+                   "format": export.read_metadata(model_dir)["version"],
+                   "saved_bytes": export.disk_bytes(model_dir), "resaved_bytes": new})
+  base = rows[0]["resaved_bytes"]
+  lines = [f"**{survey}: sizes as saved and re-saved in format {export.VERSION}** (raw "
+           f"fp32 of the teacher: {raw:,} B)", "",
+           "| method | as saved (format) | re-saved | vs fp32 checkpoint | vs raw fp32 |",
+           "|---|---:|---:|---:|---:|"]
+  for r in rows:
+    r["vs_fp32_checkpoint"], r["vs_raw_fp32"] = r["resaved_bytes"] / base, \
+        r["resaved_bytes"] / raw
+    lines.append(f"| {r['method']} | {r['saved_bytes']:,} ({r['format']}) | "
+                 f"{r['resaved_bytes']:,} | {r['vs_fp32_checkpoint']:.3f}x | "
+                 f"{r['vs_raw_fp32']:.3f}x |")
+  return rows, "\n".join(lines)
+
+
 def _n(value: int | None) -> str:
   return "not run" if value is None else f"{value:,}"
 
@@ -126,10 +160,18 @@ def main() -> None:
   parser.add_argument("--checkpoint", default=None, help="a trained run or model directory")
   parser.add_argument("--preset", default="s16", choices=sorted(PRESETS),
                       help="without --checkpoint: this preset, timm-initialized")
+  parser.add_argument("--survey", default=None,
+                      help="re-save a survey run's models in today's format instead")
   parser.add_argument("--no-xz", action="store_true",
                       help="skip the xz columns (minutes per variant on an s16)")
   parser.add_argument("--out", default=None, help="also write the figures as JSON")
   args = parser.parse_args()
+  if args.survey:
+    rows, text = resave_survey(pathlib.Path(args.survey))
+    print(text)
+    if args.out:
+      pathlib.Path(args.out).write_text(json.dumps({"rows": rows, "markdown": text}, indent=1))
+    return
   if args.checkpoint:
     model = export.load_model(recipes.model_dir_of(args.checkpoint))
     title = f"{args.checkpoint} ({model_lib.param_count(model):,} parameters)"

@@ -5,7 +5,6 @@ bad files are refused with errors that name the problem."""
 import json
 import math
 
-import jax
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -13,6 +12,7 @@ import safetensors.torch
 import torch
 
 import timm_reference
+from helpers import noisy_model
 from vitjax import model as model_lib
 from vitjax.models import adapt, convert
 from vitjax.models.config import ViTConfig
@@ -191,11 +191,14 @@ def test_pickle_files_are_refused_with_how_to_convert(tmp_path):
       convert.load(path)
 
 
-def test_truncated_safetensors_names_the_tensor_it_cuts(tmp_path):
+def _small_timm(depth: int) -> timm_reference.TimmViT:
   torch.manual_seed(0)
-  source = timm_reference.TimmViT(img_size=32, patch_size=8, embed_dim=48, depth=1,
-                                  num_heads=3, num_classes=4)
-  path = timm_reference.save(source, tmp_path / "m", "vit_tiny_patch8_32") / \
+  return timm_reference.TimmViT(img_size=32, patch_size=8, embed_dim=48, depth=depth,
+                                num_heads=3, num_classes=4)
+
+
+def test_truncated_safetensors_names_the_tensor_it_cuts(tmp_path):
+  path = timm_reference.save(_small_timm(1), tmp_path / "m", "vit_tiny_patch8_32") / \
       "model.safetensors"
   data = path.read_bytes()
   path.write_bytes(data[:len(data) - 100])
@@ -207,10 +210,7 @@ def test_truncated_safetensors_names_the_tensor_it_cuts(tmp_path):
 
 
 def test_shape_mismatch_missing_and_extra_tensors_are_named(tmp_path):
-  torch.manual_seed(0)
-  source = timm_reference.TimmViT(img_size=32, patch_size=8, embed_dim=48, depth=2,
-                                  num_heads=3, num_classes=4)
-  tensors = {k: v.numpy() for k, v in source.state_dict().items()}
+  tensors = {k: v.numpy() for k, v in _small_timm(2).state_dict().items()}
   bad = dict(tensors, **{"blocks.1.mlp.fc2.weight": np.zeros((48, 100), np.float32)})
   safetensors.numpy.save_file(bad, tmp_path / "shape.safetensors")
   with pytest.raises(convert.ConversionError, match="shape mismatch: tensor 'blocks.1.mlp.fc2"):
@@ -252,22 +252,13 @@ def test_unknown_architecture_format_and_overrides_are_refused(tmp_path):
 # ------------------------------------------------------------ adapting
 
 
-def _noisy(config, seed=0):
-  model = model_lib.init(config, seed)
-  rng = np.random.default_rng(seed)
-  params = jax.tree_util.tree_map(
-      lambda a: (np.asarray(a) + rng.normal(0, 0.3, np.shape(a))).astype(np.float32),
-      model.params)
-  return model_lib.Model(config, params)
-
-
 RGB = ViTConfig(image_size=32, patch_size=8, channels=3, num_classes=5, dim=48, depth=2,
                 num_heads=3, mlp_dim=64, distilled=True, gelu="erf",
                 pixel_mean=(0.5, 0.4, 0.3), pixel_std=(0.2, 0.25, 0.3))
 
 
 def test_grayscale_adaptation_computes_the_rgb_model_on_gray_images():
-  model = _noisy(RGB)
+  model = noisy_model(RGB)
   gray = adapt.set_channels(model, 1)
   assert gray.config.channels == 1 and gray.params["embedding"]["kernel"].shape == (64, 48)
   images = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 1)).astype(np.uint8)
@@ -280,11 +271,11 @@ def test_grayscale_adaptation_computes_the_rgb_model_on_gray_images():
   with pytest.raises(ValueError, match="channels=2"):
     adapt.set_channels(model, 2)
   with pytest.raises(ValueError, match="tokenizer 'patch'"):
-    adapt.set_channels(_noisy(RGB.replace(tokenizer="spt", distilled=False)), 1)
+    adapt.set_channels(noisy_model(RGB.replace(tokenizer="spt", distilled=False)), 1)
 
 
 def test_position_resampling_keeps_prefix_entries_and_interpolates_the_grid():
-  model = _noisy(RGB)
+  model = noisy_model(RGB)
   big = adapt.resample_positions(model, 64)
   pos, new = np.asarray(model.params["pos_embedding"]), big.params["pos_embedding"]
   assert big.config.image_size == 64 and new.shape == (1, 2 + 64, 48)
@@ -300,7 +291,7 @@ def test_position_resampling_keeps_prefix_entries_and_interpolates_the_grid():
 
 
 def test_new_head_and_adapt_refuse_what_they_cannot_do():
-  model = _noisy(RGB)
+  model = noisy_model(RGB)
   ten = adapt.adapt(model, num_classes=10, image_size=16, channels=1)
   assert (ten.config.num_classes, ten.config.image_size, ten.config.channels) == (10, 16, 1)
   assert ten.params["head"]["kernel"].shape == (48, 10) and \

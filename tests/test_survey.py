@@ -58,6 +58,8 @@ def test_survey_writes_every_method_with_consistent_figures(tmp_path):
     model = export.load_model(model_dir)
     assert row["disk_bytes"] == export.disk_bytes(model_dir), name
     assert row["size_ratio"] == pytest.approx(row["disk_bytes"] / teacher_disk)
+    assert row["raw_fp32_ratio"] == pytest.approx(
+        row["disk_bytes"] / (4 * rows["teacher"]["params"]))
     assert row["params"] == model_lib.param_count(model), name
     assert row["flops"] == model_lib.flops_per_image(model), name
     # Each row's accuracy is its own saved model's, measured again here.

@@ -113,3 +113,24 @@ def save(model: TimmViT, directory: pathlib.Path, architecture: str,
       "architecture": architecture, "num_classes": model.head.out_features,
       "pretrained_cfg": {"mean": list(mean), "std": list(std)}}))
   return directory
+
+
+def timm_init(model: TimmViT, seed: int = 0) -> TimmViT:
+  """Re-initializes `model` as timm's `VisionTransformer.init_weights` does
+  (default mode): Linear weights truncated-normal std 0.02 and zero biases,
+  LayerNorms 1 and 0, position embedding and distillation token std 0.02, class
+  token std 1e-6; the conv patch embedding keeps torch's default init."""
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
+      elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    nn.init.trunc_normal_(model.pos_embed, std=0.02)
+    nn.init.normal_(model.cls_token, std=1e-6)
+    if model.dist_token is not None:
+      nn.init.trunc_normal_(model.dist_token, std=0.02)
+  return model

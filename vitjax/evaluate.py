@@ -266,16 +266,19 @@ def speed_notes(reports: dict[str, Report], reference: str) -> list[str]:
 
 
 def format_table(reports: dict[str, Report], reference: str) -> str:
-  """A Markdown table of the reports with ratios to `reference`."""
+  """A Markdown table of the reports with ratios to `reference`: sizes (on
+  disk where known) against the reference's, and against raw fp32 bytes of the
+  reference (4 B per value, the convention of INC and the papers)."""
   ref = reports[reference]
   size = lambda r: r.disk_bytes if r.disk_bytes is not None else r.bytes
-  lines = ["| model | top-1 % | Δ top-1 pt | params | bytes | size ratio | MFLOPs/img "
-           "| latency b=1 ms | speedup b=1 | img/s b=256 | throughput ratio |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = ["| model | top-1 % | Δ top-1 pt | params | bytes | size ratio | vs raw fp32 "
+           "| MFLOPs/img | latency b=1 ms | speedup b=1 | img/s b=256 | throughput ratio |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for name, r in reports.items():
     lines.append(
         f"| {name} | {r.accuracy * 100:.2f} | {(r.accuracy - ref.accuracy) * 100:+.2f} "
-        f"| {r.params:,} | {size(r):,} | {size(r) / size(ref):.3f} | {r.flops / 1e6:.1f} "
+        f"| {r.params:,} | {size(r):,} | {size(r) / size(ref):.3f} "
+        f"| {size(r) / (4 * ref.params):.3f} | {r.flops / 1e6:.1f} "
         f"| {r.latency_ms:.2f} | {ref.latency_ms / r.latency_ms:.2f}x "
         f"| {r.throughput:.0f} | {r.throughput / ref.throughput:.2f}x |")
   return "\n".join(lines)

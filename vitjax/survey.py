@@ -296,6 +296,7 @@ def _results(settings: Settings, methods: list[Method], reports: dict[str, evalu
         "description": descriptions.get(name, "fp32 teacher"),
         "accuracy": r.accuracy * 100, "accuracy_drop": (ref.accuracy - r.accuracy) * 100,
         "disk_bytes": r.disk_bytes, "size_ratio": r.disk_bytes / ref.disk_bytes,
+        "raw_fp32_ratio": r.disk_bytes / (4 * ref.params),
         "params": r.params, "flops": r.flops, "latency_ms": r.latency_ms,
         "speedup": ref.latency_ms / r.latency_ms, "throughput": r.throughput,
         "throughput_ratio": r.throughput / ref.throughput,
@@ -320,18 +321,22 @@ def markdown(results: dict[str, Any]) -> str:
            f"{results['total_seconds'] / 60:.1f} min"
            + (" (QUICK smoke run: figures are not meaningful)" if results["settings"]["quick"]
               else ""), "",
-           "| method | family | top-1 % | Δ pt | disk bytes | size | params | MFLOPs "
+           "| method | family | top-1 % | Δ pt | disk bytes | size vs fp32 checkpoint "
+           "/ vs raw fp32 | params | MFLOPs "
            "| latency b=1 (speedup, min-max) | throughput b=256 (ratio, min-max) |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for name, r in results["rows"].items():
     (s_lo, _, s_hi), (t_lo, _, t_hi) = r["speedup_spread"], r["throughput_ratio_spread"]
     lines.append(
         f"| {name} | {r['family']} | {r['accuracy']:.2f} | {-r['accuracy_drop']:+.2f} "
-        f"| {r['disk_bytes']:,} | {r['size_ratio']:.3f}x | {r['params']:,} "
+        f"| {r['disk_bytes']:,} | {r['size_ratio']:.3f}x / {r['raw_fp32_ratio']:.3f}x "
+        f"| {r['params']:,} "
         f"| {r['flops'] / 1e6:.1f} | {r['latency_ms']:.2f} ms "
         f"({r['speedup']:.2f}x, {s_lo:.2f}-{s_hi:.2f}) "
         f"| {r['throughput']:.0f}/s ({r['throughput_ratio']:.2f}x, {t_lo:.2f}-{t_hi:.2f}) |")
-  lines += ["", "Speed: median over timing rounds in which every model ran in turn; "
+  lines += ["", "Size: bytes on disk against the fp32 teacher's checkpoint, and against "
+            "raw fp32 bytes (4 B per teacher parameter). "
+            "Speed: median over timing rounds in which every model ran in turn; "
             "min-max: the lowest and highest ratio of a single round. Each model's "
             "forward was compiled with the faster XLA CPU option on this machine "
             "(`evaluate.fastest_options`; per row in results.json), except in a "

@@ -392,9 +392,12 @@ def _hf(t: _Tensors, where: pathlib.Path, meta: dict, pre: dict, notes: list[str
         (INCEPTION_MEAN, INCEPTION_STD)
     notes.append(f"no preprocessor_config.json: the image processor's default "
                  f"statistics assumed (mean {mean}, std {std}); pass pixel_mean=/pixel_std=")
-  heads_names = ("cls_classifier", "distillation_classifier") if distilled else \
-      ("classifier",)
-  head = heads_names[0]
+  if distilled and t.has("classifier.weight"):
+    raise ConversionError(
+        f"{where}: unsupported: tensor 'classifier.weight' with a distillation token is "
+        "DeiTForImageClassification (one head on the class token), which vitjax's DeiT "
+        "(two heads, averaged) does not compute; save DeiTForImageClassificationWithTeacher")
+  head = "cls_classifier" if distilled else "classifier"
   config = dict(image_size=grid * patch_w.shape[-1], patch_size=patch_w.shape[-1],
                 channels=patch_w.shape[1],
                 num_classes=t.take(f"{head}.weight", 2).shape[0],
