@@ -153,7 +153,7 @@ def big_vision_params(dim=48, depth=2, heads=3, mlp=80, patch=4, grid=4, channel
   return p
 
 
-def test_big_vision_npz_gives_big_vision_logits_in_all_three_layouts(tmp_path):
+def test_big_vision_npz_gives_big_vision_logits_in_every_layout(tmp_path):
   p = big_vision_params()
   images = _images(3, 16)
   theirs = big_vision_forward(p, images, heads=3)
@@ -172,7 +172,13 @@ def test_big_vision_npz_gives_big_vision_logits_in_all_three_layouts(tmp_path):
   old["Transformer/posembed_input/pos_embedding"] = np.concatenate(
       [shift, p["pos_embedding"]], axis=1)
   np.savez(tmp_path / "old.npz", **old)
-  for name in ("today", "scan", "old"):
+  # block children numbered per class (LayerNorm_0/1, ..._0), as flax's
+  # convert_pre_linen renames the old incrementally numbered modules
+  renames = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+             "LayerNorm_2": "LayerNorm_1", "MlpBlock_3": "MlpBlock_0"}
+  linen = {"/".join(renames.get(part, part) for part in k.split("/")): v for k, v in old.items()}
+  np.savez(tmp_path / "linen.npz", **linen)
+  for name in ("today", "scan", "old", "linen"):
     imported = convert.read(tmp_path / f"{name}.npz")
     assert imported.format == "big_vision"
     cfg = imported.model.config
