@@ -21,10 +21,11 @@ CFG = TINY.replace(pixel_mean=(0.3,), pixel_std=(0.4,), num_classes=5)
 FRESH = """
 import sys, json, numpy as np, jax
 from jax import export
-path = sys.argv[1]
-call = export.deserialize(bytearray(open(path + '/forward.jaxexport', 'rb').read())).call
-data = np.load(path + '-inputs.npz')
-out = {k: np.asarray(call(data[k])).tolist() for k in data.files}
+data = np.load(sys.argv[1])
+out = {}
+for path in sys.argv[2:]:
+  call = export.deserialize(bytearray(open(path + '/forward.jaxexport', 'rb').read())).call
+  out[path] = {k: np.asarray(call(data[k])).tolist() for k in data.files}
 assert not any(m == 'vitjax' or m.startswith('vitjax.') for m in sys.modules), 'vitjax imported'
 print(json.dumps(out))
 """
@@ -40,21 +41,23 @@ def _variants():
 def test_artifacts_reproduce_logits_in_a_process_without_vitjax(tmp_path):
   rng = np.random.default_rng(0)
   inputs = {f"b{n}": rng.integers(0, 256, (n, 8, 8, 1)).astype(np.uint8) for n in (1, 3, 5)}
-  for name, model in _variants().items():
-    path = tmp_path / name
-    signature = stablehlo.save(model, path)
+  np.savez(tmp_path / "inputs.npz", **inputs)
+  variants = _variants()
+  for name, model in variants.items():
+    signature = stablehlo.save(model, tmp_path / name)
     assert signature["input"]["shape"] == [None, 8, 8, 1]
-    np.savez(f"{path}-inputs.npz", **inputs)
-    run = subprocess.run([sys.executable, "-c", FRESH, str(path)], capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    got = json.loads(run.stdout.strip().splitlines()[-1])
+  run = subprocess.run([sys.executable, "-c", FRESH, str(tmp_path / "inputs.npz"),
+                        *[str(tmp_path / name) for name in variants]],
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  got = json.loads(run.stdout.strip().splitlines()[-1])
+  for name, model in variants.items():
     forward = jax.jit(lambda x, m=model: model_lib.apply(m, preprocess(x, m.config)))
     for key, images in inputs.items():
       want = np.asarray(forward(images))
       assert np.abs(want).max() > 0.1  # not a vacuous comparison
-      np.testing.assert_allclose(np.asarray(got[key]), want, atol=1e-5, rtol=0,
-                                 err_msg=f"{name} {key}")
+      np.testing.assert_allclose(np.asarray(got[str(tmp_path / name)][key]), want, atol=1e-5,
+                                 rtol=0, err_msg=f"{name} {key}")
 
 
 def test_w8a8_artifact_holds_integer_dots_and_fp32_none(tmp_path):
