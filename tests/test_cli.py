@@ -77,3 +77,21 @@ def test_eval_on_data_with_other_channel_count(npz_dir, tmp_path, capsys, small_
   capsys.readouterr()
   assert cli.main(["eval", str(out), "--dataset", "npz", "--data-dir", str(rgb_dir)]) == 2
   assert "data has 3 channel(s) but the model expects channels=1" in capsys.readouterr().err
+
+
+def test_survey_overwrite_rebuilds_every_stage_but_the_teacher(npz_dir, tmp_path, monkeypatch):
+  from vitjax import survey
+  out = tmp_path / "survey"
+  for run, part in (("teacher", "model"), ("prune-50%", "model"),
+                    ("student+structured", "train"), ("student", "train")):
+    (out / run / part).mkdir(parents=True)
+  (out / "notes").mkdir()  # not a run: left alone
+  (out / "results.md").write_text("old")
+
+  def stop(*args, **kwargs):
+    raise RuntimeError("stopped before building")
+  monkeypatch.setattr(survey, "run", stop)
+  with pytest.raises(RuntimeError, match="stopped"):
+    cli.main(["survey", "--overwrite", "--out", str(out), "--dataset", "npz",
+              "--data-dir", str(npz_dir)])
+  assert sorted(p.name for p in out.iterdir()) == ["notes", "results.md", "teacher"]

@@ -287,3 +287,17 @@ def test_accuracy_counts_every_image_against_a_hand_computation():
   halves = [float(np.mean(logits[:150].argmax(-1) == split.labels[:150])),
             float(np.mean(logits[150:].argmax(-1) == split.labels[150:]))]
   assert halves[0] != halves[1]
+
+
+def test_a_training_state_saved_before_a_config_field_existed_still_resumes(tmp_path):
+  import json
+  from vitjax import train as train_lib
+  cfg = TINY
+  meta = {"run": "x", "model": cfg.to_dict(), "train": {"steps": 3}}
+  old = dict(meta, model={k: v for k, v in cfg.to_dict().items()
+                          if k not in ("gelu", "norm_eps")})
+  (tmp_path / "w").mkdir()
+  (tmp_path / "w" / train_lib.META_FILE).write_text(json.dumps(old))
+  train_lib._check_meta(tmp_path / "w", meta)  # the defaults fill the missing fields
+  with pytest.raises(ValueError, match="different run"):
+    train_lib._check_meta(tmp_path / "w", dict(meta, model=cfg.replace(gelu="erf").to_dict()))

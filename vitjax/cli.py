@@ -400,11 +400,15 @@ def cmd_survey(args: argparse.Namespace) -> int:
   out = pathlib.Path(args.out or ("checkpoints/survey-quick" if args.quick
                                   else "checkpoints/survey"))
   export.check_writable_directory(out)
-  if args.overwrite:
-    # Every method is built again; a finished teacher is kept (it is reused
-    # only if it was trained with these settings and data).
-    for name in [m.name for m in survey.METHODS]:
-      shutil.rmtree(out / name, ignore_errors=True)
+  if args.overwrite and out.is_dir():
+    # Every method and intermediate stage (e.g. student+structured) is built
+    # again; a finished teacher is kept (it is reused only if it was trained
+    # with these settings and data).
+    teacher = pathlib.Path(args.teacher or out / "teacher").resolve()
+    for run in out.iterdir():
+      is_run = (run / recipes.MODEL_DIR).is_dir() or (run / recipes.TRAIN_DIR).is_dir()
+      if run.is_dir() and is_run and run.resolve() != teacher:
+        shutil.rmtree(run)
   results = survey.run(settings, out, dataset=_load_data(args), teacher_dir=args.teacher)
   print(survey.markdown(results))
   print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'pareto.png'}")

@@ -33,6 +33,7 @@ from vitjax import leaves, sharding
 from vitjax import progress as progress_lib
 from vitjax.losses import cross_entropy
 from vitjax.model import Model, apply
+from vitjax.models.config import ViTConfig
 from vitjax.models.inputs import preprocess
 
 PyTree = Any
@@ -360,6 +361,10 @@ def _check_meta(workdir: pathlib.Path, meta: dict[str, Any]) -> None:
   path = workdir / META_FILE
   if path.exists():
     saved = json.loads(path.read_text())
+    try:  # a config saved before a field existed holds that field's default
+      saved["model"] = ViTConfig.from_dict(saved["model"]).to_dict()
+    except (KeyError, TypeError, ValueError):
+      pass
     diffs = [f"{k}: saved {saved.get(k)!r} vs now {v!r}" for k, v in meta.items()
              if saved.get(k) != v]
     if diffs:
