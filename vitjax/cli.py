@@ -20,7 +20,6 @@ from vitjax import distill, evaluate, export, plots, recipes, sharding, stablehl
 from vitjax import model as model_lib
 from vitjax.models import adapt, convert
 from vitjax.models.config import GELUS, PRESETS
-from vitjax.models.inputs import preprocess
 from vitjax.quantizers import uniform
 from vitjax.transforms import lowrank, prune, ptq, quantize, structured
 
@@ -462,8 +461,7 @@ def cmd_export(args: argparse.Namespace) -> int:
   forward = stablehlo.load(out)
   images = stablehlo.random_images(signature, 2 if batch is None else batch)
   got = np.asarray(forward(images))
-  want = np.asarray(jax.jit(lambda x: model_lib.apply(model, preprocess(x, model.config)))(
-      images))
+  want = np.asarray(jax.jit(stablehlo.inference_fn(model))(images))
   print(f"wrote {out} in {time.perf_counter() - start:.1f} s: input "
         f"{signature['input']['shape']} {signature['input']['dtype']}, platforms "
         f"{signature['platforms']}, {stablehlo.integer_dots(mlir)} integer dot_general ops, "

@@ -48,7 +48,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vitjax import data as data_lib
-from vitjax import leaves
+from vitjax import leaves, storable
 from vitjax import model as model_lib
 from vitjax.model import Model
 from vitjax.models.config import ViTConfig
@@ -121,8 +121,7 @@ def _encode_array(x: Any, kept: tuple[str, np.ndarray] | None = None
   outside it is stored as its kept values only."""
   x = np.asarray(x)
   info = {"dtype": str(x.dtype), "shape": list(x.shape), "codec": _codec_of(str(x.dtype))}
-  if kept is not None and x.shape == kept[1].shape and x.dtype != bool and \
-      not np.any(x[~kept[1]].view(np.uint8)):
+  if kept is not None and storable.stores_kept_values(x, kept[1]):
     info.update(kept_by=kept[0], count=int(kept[1].sum()))
     x = x[kept[1]]
   if info["codec"] == "int4-packed":

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax import leaves
+from vitjax import leaves, storable
 from vitjax.leaves import logical_shape
 from vitjax.models import sites as sites_lib
 from vitjax.models.config import ViTConfig
@@ -249,8 +249,7 @@ def _leaf_bits(leaf: Any) -> int:
   bits = mask.size
   for a in jax.tree_util.tree_leaves([getattr(leaf, f.name) for f in dataclasses.fields(leaf)
                                       if f.name != mask_field]):
-    dead = np.asarray(a)[~mask] if a.shape == mask.shape else None
-    kept = dead is not None and not np.any(dead.view(np.uint8))
+    kept = storable.stores_kept_values(a, mask)
     bits += (int(mask.sum()) if kept else int(np.prod(a.shape))) * array_bits(a)
   return bits
 

@@ -76,12 +76,17 @@ def exported(model: model_lib.Model, *, batch: int | None = None,
     raise ValueError(f"platforms must be a non-empty subset of {PLATFORMS}, got "
                      f"{platforms!r}")
 
-  def forward(images: jax.Array) -> jax.Array:
-    return model_lib.apply(model, preprocess(images, cfg)).astype(jnp.float32)
-
   b = batch if batch is not None else jax.export.symbolic_shape("b")[0]
   spec = jax.ShapeDtypeStruct((b, *shape), jnp.dtype(input_dtype))
-  return jax.export.export(jax.jit(forward), platforms=platforms)(spec)
+  return jax.export.export(jax.jit(inference_fn(model)), platforms=platforms)(spec)
+
+
+def inference_fn(model: model_lib.Model) -> Callable[[jax.Array], jax.Array]:
+  """The function an artifact serializes: raw pixels -> preprocessing ->
+  `model` -> float32 logits (jit it to compare with a reloaded artifact)."""
+  def forward(images: jax.Array) -> jax.Array:
+    return model_lib.apply(model, preprocess(images, model.config)).astype(jnp.float32)
+  return forward
 
 
 def save(model: model_lib.Model, path: str | os.PathLike, *, batch: int | None = None,
