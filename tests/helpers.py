@@ -79,3 +79,27 @@ def assert_params_close(a, b, atol: float = 1e-5) -> None:
     if name.endswith("key/bias"):
       continue
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0, err_msg=name)
+
+
+def multiprocess_run_setup():
+  """(teacher, student, split, TrainConfig, DistillConfig) of the 2-process
+  run in multiprocess_run_worker.py; the single-process reference uses the same."""
+  from vitjax import distill, train
+  from vitjax import model as model_lib
+  from vitjax.models.cnn import CNNConfig
+  teacher = model_lib.init(CNNConfig(image_size=8, channels=1, num_classes=4, widths=(8, 16),
+                                     blocks=(1, 1), groups=4), 1)
+  teacher = teacher.replace(params=jax_noise(teacher.params, 3))
+  student = model_lib.init(TINY.replace(dim=8, num_heads=2, mlp_dim=16, distilled=True), 2)
+  cfg = train.TrainConfig(steps=6, batch_size=16, warmup_steps=1, fsdp=True,
+                          checkpoint_every=2, log_every=1)
+  return teacher, student, synthetic_split(64), cfg, distill.DistillConfig(ce=0.5, hard=0.5)
+
+
+def jax_noise(params, seed: int, scale: float = 0.3):
+  """`params` plus Gaussian noise of std `scale` (non-trivial weights)."""
+  import jax
+  flat, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(flat))
+  return jax.tree_util.tree_unflatten(
+      treedef, [a + scale * jax.random.normal(k, a.shape) for a, k in zip(flat, keys)])

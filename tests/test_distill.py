@@ -1,18 +1,14 @@
 """Distillation: losses by hand, the objective, sharding, resume, offline cache,
 and a 2-process run."""
 
-import os
-import pathlib
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import TINY, assert_params_close, noisy_model, synthetic_split
+from helpers import TINY, assert_params_close, jax_noise, noisy_model, synthetic_split
+from vitjax.models.cnn import CNNConfig
 from vitjax.models.inputs import preprocess
 from vitjax import data as data_lib
 from vitjax import distill, losses, sharding, train
@@ -247,34 +243,88 @@ def test_teacher_and_student_must_match():
                         synthetic_split(32), tcfg, cfg)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
-def test_two_processes_train_together_and_agree(tmp_path):
-  worker = pathlib.Path(__file__).with_name("multihost_worker.py")
-  port = str(_free_port())
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  procs = [subprocess.Popen([sys.executable, str(worker), str(i), port,
-                             str(tmp_path / f"p{i}.npz")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-           for i in range(2)]
-  logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
-  a, b = (np.load(tmp_path / f"p{i}.npz") for i in range(2))
-  assert len(a.files) > 10
-  for key in a.files:
-    np.testing.assert_array_equal(a[key], b[key])
-  # ... and they agree with one process training on the whole batch.
-  one = distill.fit_student(
-      model_lib.init(TINY, 1), model_lib.init(STUDENT, 2), synthetic_split(64),
-      train.TrainConfig(steps=3, batch_size=16, warmup_steps=1),
-      distill.DistillConfig(soft=0.5, hard=0.0, temperature=2.0),
-      mesh=sharding.make_mesh(jax.devices()[:1]), progress=False)
-  flat = jax.tree_util.tree_flatten_with_path(one.params)[0]
-  for key, (path, leaf) in zip(a.files, flat):
-    if not model_lib.path_str(path).endswith("key/bias"):  # see assert_params_close
-      np.testing.assert_allclose(a[key], leaf, atol=1e-5)
+CNN_TEACHER = CNNConfig(image_size=8, channels=1, num_classes=4, widths=(8, 16),
+                        blocks=(1, 1), groups=4)
+
+
+def _cnn_teacher(seed=1):
+  m = model_lib.init(CNN_TEACHER, seed)
+  return m.replace(params=jax_noise(m.params, seed + 11))
+
+
+def test_cnn_and_ensemble_teachers_by_hand(tmp_path):
+  cnn, vit = _cnn_teacher(), noisy_model(TINY, 1)
+  x = jax.random.normal(jax.random.PRNGKey(3), (5, 8, 8, 1))
+  # An ensemble's logits: the mean of its members' log-probabilities.
+  want = (_log_softmax(np.asarray(model_lib.apply(cnn, x), np.float64)) +
+          _log_softmax(np.asarray(model_lib.apply(vit, x), np.float64))) / 2
+  np.testing.assert_allclose(distill.teacher_logits((cnn, vit), x), want, atol=1e-5)
+  np.testing.assert_array_equal(distill.teacher_logits(cnn, x), model_lib.apply(cnn, x))
+  # DeiT hard distillation from the CNN: the distillation head learns the
+  # CNN's decisions, online and from the offline cache alike.
+  student = noisy_model(STUDENT, 2)
+  index = jnp.arange(5)
+  batch = Batch(x, jnp.array([0, 1, 2, 3, 0]), index, jnp.zeros_like(index))
+  cfg = distill.DistillConfig(ce=0.0, hard=1.0)
+  online = distill.objective(cfg, CNN_TEACHER)(student, batch, None, cnn, {})[0]
+  _, dist = model_lib.apply(student, x, heads="both")
+  want_hard = -np.mean(_log_softmax(np.asarray(dist, np.float64))[
+      np.arange(5), np.asarray(model_lib.apply(cnn, x)).argmax(-1)])
+  np.testing.assert_allclose(online, want_hard, rtol=1e-5)
+  split = synthetic_split(32)
+  tcfg = train.TrainConfig(steps=2, batch_size=8, warmup_steps=0)
+  for teacher in (cnn, (cnn, vit)):
+    cache = distill.cached_teacher(teacher, split, tcfg, tmp_path / f"c{id(teacher)}.npz",
+                                   k=4, progress=False)
+    images = preprocess(jnp.asarray(split.images[:4]), TINY)
+    np.testing.assert_allclose(cache.values[:4, 0],
+                               jax.lax.top_k(distill.teacher_logits(teacher, images), 4)[0],
+                               atol=1e-5)
+    trained = distill.fit_student(teacher, student, split, tcfg, distill.DistillConfig(),
+                                  cache=cache, mesh=sharding.make_mesh(jax.devices()[:1]),
+                                  progress=False)
+    assert trained.config == STUDENT
+
+
+def test_cnn_or_ensemble_teacher_refuses_feature_and_attention_terms():
+  tcfg = train.TrainConfig(steps=1, batch_size=16, warmup_steps=0)
+  for teacher, what in ((_cnn_teacher(), "the teacher is a CNNConfig"),
+                        ((noisy_model(TINY, 1), _cnn_teacher()), "the teacher is an ensemble")):
+    for weights in (dict(feature=1.0), dict(attention=1.0)):
+      with pytest.raises(ValueError, match=f"needs a single ViT teacher.*{what}"):
+        distill.fit_student(teacher, model_lib.init(STUDENT, 0), synthetic_split(32), tcfg,
+                            distill.DistillConfig(**weights))
+
+
+def test_cnn_teacher_class_and_input_mismatch():
+  tcfg = train.TrainConfig(steps=1, batch_size=16, warmup_steps=0)
+  cnn = model_lib.init(CNN_TEACHER.replace(num_classes=7), 0)
+  with pytest.raises(ValueError, match="teacher has num_classes=7 but the student has 4"):
+    distill.fit_student(cnn, model_lib.init(STUDENT, 0), synthetic_split(32), tcfg,
+                        distill.DistillConfig())
+  cnn = model_lib.init(CNN_TEACHER.replace(image_size=16), 0)
+  with pytest.raises(ValueError, match="teacher takes 16x16x1 images, the student 8x8x1"):
+    distill.fit_student((noisy_model(TINY, 1), cnn), model_lib.init(STUDENT, 0),
+                        synthetic_split(32), tcfg, distill.DistillConfig())
+  with pytest.raises(ValueError, match="teacher ensemble is empty"):
+    distill.fit_student((), model_lib.init(STUDENT, 0), synthetic_split(32), tcfg,
+                        distill.DistillConfig())
+
+
+def test_resume_with_other_teacher_weights_is_refused(tmp_path):
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  def die(step, metrics):
+    if step == 2:
+      raise Killed()
+  with pytest.raises(Killed):
+    _fit(mesh, workdir=tmp_path, on_step=die, steps=4)
+  # Same teacher config, other weights: the saved state is not reused.
+  tcfg = train.TrainConfig(steps=4, batch_size=16, warmup_steps=1, checkpoint_every=2,
+                           log_every=1)
+  with pytest.raises(ValueError, match="written for a different run.*aux"):
+    distill.fit_student(noisy_model(TINY, 9), noisy_model(STUDENT, 2), synthetic_split(64),
+                        tcfg, distill.DistillConfig(ce=0.5, soft=0.5, hard=0.0,
+                                                    temperature=2.0),
+                        mesh=mesh, workdir=tmp_path, progress=False)

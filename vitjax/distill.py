@@ -12,8 +12,13 @@ computation in the tests:
   attention_kl(s, t)        KL between head-averaged patch-to-patch attention maps.
 
 `DistillConfig` weights them into one objective; `objective` builds the
-`train.LossFn` whose auxiliary input is the frozen teacher `Model` (its forward
-runs in the same jit, under `stop_gradient`) or an offline `TeacherCache`.
+`train.LossFn` whose auxiliary input is the frozen teacher (its forward runs in
+the same jit, under `stop_gradient`) or an offline `TeacherCache`.
+
+A teacher is any frozen function of images to logits a `Model` holds: a
+ViT/DeiT, or the ResNet of `vitjax.models.cnn` (DeiT's convnet teacher), or a
+tuple of such models, an ensemble whose log-probabilities are averaged
+(`teacher_logits`). Feature and attention terms need a single ViT teacher.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from vitjax import model as model_lib
 from vitjax import progress as progress_lib
 from vitjax import train as train_lib
 from vitjax.model import Model
+from vitjax.models.arch import Config
 from vitjax.models.inputs import preprocess
 from vitjax.models.config import ViTConfig
 from vitjax.losses import cross_entropy
@@ -146,7 +152,37 @@ class DistillConfig:
     return bool(self.feature or self.attention)
 
 
-def check_pair(student: ViTConfig, teacher: ViTConfig) -> None:
+Teacher = Any  # a Model, or a tuple of Models (an ensemble)
+
+
+def members(teacher: Teacher) -> tuple[Model, ...]:
+  """The models of a teacher: itself, or the members of an ensemble.
+
+  Raises:
+    ValueError: an empty ensemble, or members that are not Models.
+  """
+  models = tuple(teacher) if isinstance(teacher, (tuple, list)) else (teacher,)
+  if not models:
+    raise ValueError("the teacher ensemble is empty; give at least one model")
+  bad = [type(m).__name__ for m in models if not isinstance(m, Model)]
+  if bad:
+    raise ValueError(f"a teacher must be a vitjax Model (ViT or CNN) or a tuple of them, "
+                     f"got {bad}")
+  return models
+
+
+def teacher_logits(teacher: Teacher, images: jax.Array) -> jax.Array:
+  """The teacher's logits on preprocessed `images`; an ensemble's are the mean
+  of its members' log-probabilities (the log of their geometric mean, up to a
+  constant per image, which no loss here sees)."""
+  models = members(teacher)
+  if len(models) == 1:
+    return model_lib.apply(models[0], images)
+  return sum(jax.nn.log_softmax(model_lib.apply(m, images), axis=-1)
+             for m in models) / len(models)
+
+
+def check_pair(student: ViTConfig, teacher: Config) -> None:
   """Raises ValueError if the teacher cannot teach this student."""
   if student.num_classes != teacher.num_classes:
     raise ValueError(f"teacher has num_classes={teacher.num_classes} but the student has "
@@ -176,7 +212,7 @@ class TeacherCache:
   indices: jax.Array
 
 
-def projection_shapes(student: ViTConfig, teacher: ViTConfig,
+def projection_shapes(student: ViTConfig, teacher: Config,
                       cfg: DistillConfig) -> dict[str, tuple[int, int]]:
   """Learned feature projections the objective needs (student dim != teacher dim)."""
   if not cfg.feature or student.dim == teacher.dim:
@@ -184,7 +220,7 @@ def projection_shapes(student: ViTConfig, teacher: ViTConfig,
   return {f"proj_{i}": (student.dim, teacher.dim) for i, _ in enumerate(cfg.feature_pairs)}
 
 
-def init_projections(student: ViTConfig, teacher: ViTConfig, cfg: DistillConfig,
+def init_projections(student: ViTConfig, teacher: Config, cfg: DistillConfig,
                      seed: int = 0) -> dict[str, jax.Array]:
   """Xavier-initialized feature projections (trained with the student)."""
   init = jax.nn.initializers.xavier_uniform()
@@ -193,8 +229,9 @@ def init_projections(student: ViTConfig, teacher: ViTConfig, cfg: DistillConfig,
   return {name: init(k, shape) for k, (name, shape) in zip(keys, sorted(shapes.items()))}
 
 
-def objective(cfg: DistillConfig, teacher_config: ViTConfig):
-  """The `train.LossFn` of `cfg`; its aux is the teacher Model or a TeacherCache.
+def objective(cfg: DistillConfig, teacher_config: Config):
+  """The `train.LossFn` of `cfg`; its aux is the teacher (a Model or an
+  ensemble tuple) or a TeacherCache.
 
   For a DeiT student the true label trains the class head and the teacher the
   distillation head; inference averages the two (DeiT). For a plain student
@@ -216,16 +253,16 @@ def objective(cfg: DistillConfig, teacher_config: ViTConfig):
     if isinstance(aux, TeacherCache):
       values = aux.values[batch.index, batch.view]
       indices = aux.indices[batch.index, batch.view]
-      teacher_logits, t_inter = None, None
+      t_logits, t_inter = None, None
       teacher_top1 = indices[:, 0]
     else:
       if cfg.needs_intermediates:
-        teacher_logits, t_inter = model_lib.apply_with_intermediates(aux, batch.images)
+        t_logits, t_inter = model_lib.apply_with_intermediates(aux, batch.images)
       else:
-        teacher_logits, t_inter = model_lib.apply(aux, batch.images), None
-      teacher_logits = jax.lax.stop_gradient(teacher_logits)
+        t_logits, t_inter = teacher_logits(aux, batch.images), None
+      t_logits = jax.lax.stop_gradient(t_logits)
       t_inter = jax.lax.stop_gradient(t_inter)
-      teacher_top1 = teacher_logits.argmax(-1)
+      teacher_top1 = t_logits.argmax(-1)
 
     terms = {}
     if cfg.ce:
@@ -233,7 +270,7 @@ def objective(cfg: DistillConfig, teacher_config: ViTConfig):
     if cfg.soft:
       terms["soft"] = cfg.soft * (
           soft_kl_topk(dist_logits, values, indices, cfg.temperature)
-          if teacher_logits is None else soft_kl(dist_logits, teacher_logits, cfg.temperature))
+          if t_logits is None else soft_kl(dist_logits, t_logits, cfg.temperature))
     if cfg.hard:
       terms["hard"] = cfg.hard * hard_label(dist_logits, teacher_top1)
     if cfg.feature or cfg.attention:
@@ -281,25 +318,27 @@ def cache_views(train_cfg: train_lib.TrainConfig) -> int:
   return train_cfg.augment_views
 
 
-def build_teacher_cache(teacher: Model, split: data_lib.Split,
+def build_teacher_cache(teacher: Teacher, split: data_lib.Split,
                         train_cfg: train_lib.TrainConfig, *, k: int = 10,
                         batch_size: int = 500, progress: bool = True) -> TeacherCache:
   """Top-k teacher logits of every training image and view, in one pass each.
 
   The views are the exact augmentations `train.fit` will draw with `train_cfg`.
   """
+  models = members(teacher)
   views = cache_views(train_cfg)
-  k = min(k, teacher.config.num_classes)
+  k = min(k, models[0].config.num_classes)
   if k < 1:
     raise ValueError(f"k={k} must be >= 1")
+  config = models[0].config
 
   @jax.jit
-  def top_k(m: Model, images: jax.Array, index: jax.Array, view: jax.Array):
-    x = preprocess(images, m.config)
+  def top_k(t: Teacher, images: jax.Array, index: jax.Array, view: jax.Array):
+    x = preprocess(images, config)
     if train_cfg.augments:
       keys = train_lib.augmentation_keys(train_cfg.seed, index, view)
       x = data_lib.augment(keys, x, train_cfg.crop_pad, train_cfg.flip)
-    return jax.lax.top_k(model_lib.apply(m, x), k)
+    return jax.lax.top_k(teacher_logits(t, x), k)
 
   n = len(split)
   values = np.zeros((n, views, k), np.float32)
@@ -309,7 +348,7 @@ def build_teacher_cache(teacher: Model, split: data_lib.Split,
     for start, (images, _, count) in zip(range(0, n, batch_size),
                                          data_lib.eval_batches(split, batch_size)):
       index = np.minimum(np.arange(start, start + len(images), dtype=np.int32), n - 1)
-      vals, idx = jax.device_get(top_k(teacher, images, index,
+      vals, idx = jax.device_get(top_k(models, images, index,
                                        np.full(len(images), v, np.int32)))
       values[start:start + count, v] = vals[:count]
       indices[start:start + count, v] = idx[:count]
@@ -342,13 +381,14 @@ def load_cache(path: str | pathlib.Path, key: str) -> TeacherCache | None:
     return None
 
 
-def cached_teacher(teacher: Model, split: data_lib.Split, train_cfg: train_lib.TrainConfig,
+def cached_teacher(teacher: Teacher, split: data_lib.Split, train_cfg: train_lib.TrainConfig,
                    path: str | pathlib.Path, *, k: int = 10, progress: bool = True
                    ) -> TeacherCache:
   """Loads the cache at `path` if it matches this teacher, data and augmentation,
   else computes it and writes it there."""
-  key = json.dumps({"teacher": train_lib.fingerprint(teacher.params),
-                    "config": teacher.config.to_dict(),
+  models = members(teacher)
+  key = json.dumps({"teacher": train_lib.fingerprint([m.params for m in models]),
+                    "config": [m.config.to_dict() for m in models],
                     "data": train_lib.fingerprint(split.images, split.labels), "k": k,
                     "views": cache_views(train_cfg), "seed": train_cfg.seed,
                     "crop_pad": train_cfg.crop_pad, "flip": train_cfg.flip}, sort_keys=True)
@@ -362,22 +402,36 @@ def cached_teacher(teacher: Model, split: data_lib.Split, train_cfg: train_lib.T
 # ------------------------------------------------------------------ training
 
 
-def fit_student(teacher: Model, student: Model, split: data_lib.Split,
+def fit_student(teacher: Teacher, student: Model, split: data_lib.Split,
                 train_cfg: train_lib.TrainConfig, cfg: DistillConfig, *,
                 cache: TeacherCache | None = None, workdir: str | pathlib.Path | None = None,
                 mesh: jax.sharding.Mesh | None = None, progress: bool = True,
                 on_step: Any = None) -> Model:
-  """Trains `student` from the frozen `teacher` (or its offline `cache`).
+  """Trains `student` from the frozen `teacher` (a Model, ViT or CNN, or a
+  tuple of them: an ensemble) or its offline `cache`.
 
   The teacher's forward runs inside the student's jitted, sharded step; only
   the student (and the feature projections, when widths differ) is updated.
+  A resume in `workdir` is refused unless the teacher's weights (or the
+  cache's values) are the same, by SHA-256.
 
   Raises:
     ValueError: teacher and student disagree on classes or input, bad
-      weights, a cache that does not cover the split and its views, or
-      patch dropout with feature/attention terms (their token grids differ).
+      weights, a cache that does not cover the split and its views,
+      feature/attention terms with a CNN or ensemble teacher (they need one
+      ViT's tokens and attention maps), or patch dropout with those terms
+      (their token grids differ).
   """
-  check_pair(student.config, teacher.config)
+  models = members(teacher)
+  for m in models:
+    check_pair(student.config, m.config)
+  if cfg.needs_intermediates and (len(models) > 1 or
+                                  not isinstance(models[0].config, ViTConfig)):
+    what = "an ensemble" if len(models) > 1 else f"a {type(models[0].config).__name__}"
+    raise ValueError(f"feature/attention distillation (feature={cfg.feature}, attention="
+                     f"{cfg.attention}) needs a single ViT teacher's tokens and attention "
+                     f"maps; the teacher is {what}. Use soft/hard terms with it")
+  aux_teacher = models[0] if len(models) == 1 else models
   if train_cfg.patch_dropout and cfg.needs_intermediates:
     raise ValueError(f"TrainConfig.patch_dropout={train_cfg.patch_dropout} drops student "
                      "tokens, so feature/attention distillation cannot pair them with the "
@@ -389,12 +443,14 @@ def fit_student(teacher: Model, student: Model, split: data_lib.Split,
     if tuple(cache.values.shape[:2]) != want:
       raise ValueError(f"the teacher cache covers {tuple(cache.values.shape[:2])} "
                        f"(images, views); this run needs {want}")
-  run = json.dumps({"distill": dataclasses.asdict(cfg), "teacher": teacher.config.to_dict(),
+  run = json.dumps({"distill": dataclasses.asdict(cfg),
+                    "teacher": models[0].config.to_dict() if len(models) == 1 else
+                               [m.config.to_dict() for m in models],
                     "offline": cache is not None}, sort_keys=True)
   return train_lib.fit(student, split, train_cfg, workdir=workdir,
-                       loss_fn=objective(cfg, teacher.config),
-                       aux=cache if cache is not None else teacher,
-                       extra=init_projections(student.config, teacher.config, cfg,
+                       loss_fn=objective(cfg, models[0].config),
+                       aux=cache if cache is not None else aux_teacher,
+                       extra=init_projections(student.config, models[0].config, cfg,
                                               train_cfg.seed),
                        mesh=mesh, progress=progress, on_step=on_step, run_name=run,
                        desc="distill")

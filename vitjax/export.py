@@ -48,10 +48,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vitjax import data as data_lib
-from vitjax import leaves, storable
+from vitjax import leaves, sharding, storable
 from vitjax import model as model_lib
 from vitjax.model import Model
-from vitjax.models.config import ViTConfig
+from vitjax.models.arch import Config, config_from_dict
 
 FORMAT = "vitjax-model"
 # 4: kept-values storage of masked weights ("kept_by"/"count" in the array
@@ -395,6 +395,10 @@ def save_model(model: Model, path: str | os.PathLike, *,
                metadata: dict[str, Any] | None = None, overwrite: bool = False) -> int:
   """Writes `model` to directory `path`; returns its bytes on disk.
 
+  In a multi-process run every process calls it with the same (host-gathered,
+  see `sharding.to_host`) model; process 0 alone writes, the others wait for
+  it, so the directory is written exactly once.
+
   Raises:
     FileExistsError: `path` exists and `overwrite` is False.
     ValueError: the params do not fit the config or hold NaN/inf.
@@ -406,6 +410,22 @@ def save_model(model: Model, path: str | os.PathLike, *,
   check_output_path(path, overwrite)
   model_lib.check_params(model.config, model.params)
   check_sites(model)
+  if sharding.is_writer():
+    _write_model(model, path, metadata)
+  sharding.barrier(f"save_model:{path}")
+  return disk_bytes(path)
+
+
+def _single_process_options() -> ocp.options.MultiprocessingOptions:
+  """Orbax options for a checkpoint this process reads or writes alone (host
+  numpy arrays): no barriers with the other processes of a multi-process run."""
+  me = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+
+
+def _write_model(model: Model, path: pathlib.Path, metadata: dict[str, Any] | None) -> None:
+  """Writes the model into a temporary sibling directory, then renames it to
+  `path` (nothing half-written is ever at `path`)."""
   tree, site_tree, infos, buffers, digests = _describe(model)
   meta = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
           "tree": tree, "sites": site_tree, "arrays": infos, "buffers": digests,
@@ -413,16 +433,16 @@ def save_model(model: Model, path: str | os.PathLike, *,
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
   try:
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp / ARRAYS_DIR, buffers)
-    checkpointer.wait_until_finished()
+    # Only this process takes part: the buffers are host numpy arrays.
+    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(),
+                                    multiprocessing_options=_single_process_options())
+    checkpointer.save(tmp / ARRAYS_DIR, args=ocp.args.StandardSave(buffers))
     checkpointer.close()
     write_description(tmp, meta)
     _replace_dir(tmp, path)
   finally:
     if tmp.exists():
       shutil.rmtree(tmp)
-  return disk_bytes(path)
 
 
 def _replace_dir(new: pathlib.Path, path: pathlib.Path) -> None:
@@ -547,7 +567,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
   return meta
 
 
-def load_model(path: str | os.PathLike, expect_config: ViTConfig | None = None) -> Model:
+def load_model(path: str | os.PathLike, expect_config: Config | None = None) -> Model:
   """Reads a model written by `save_model`.
 
   Args:
@@ -572,7 +592,7 @@ def load_model(path: str | os.PathLike, expect_config: ViTConfig | None = None) 
     config_dict = {**config_dict, "pixel_mean": [data_lib.FASHION_MEAN],
                    "pixel_std": [data_lib.FASHION_STD]}
   try:
-    config = ViTConfig.from_dict(config_dict)
+    config = config_from_dict(config_dict)
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"{path} holds an invalid config: {e}") from e
   if expect_config is not None and config != expect_config:
@@ -583,7 +603,8 @@ def load_model(path: str | os.PathLike, expect_config: ViTConfig | None = None) 
   infos, digests = meta.get("arrays"), meta.get("buffers")
   ends = _check_layout(infos, digests, path)
   try:
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(),
+                                    multiprocessing_options=_single_process_options())
     stored = checkpointer.restore(path.absolute() / ARRAYS_DIR)
     checkpointer.close()
   except Exception as e:  # orbax/tensorstore raise many types for bad files

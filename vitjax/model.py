@@ -1,6 +1,6 @@
 """`Model(config, params, sites)`: the value every vitjax transform takes and returns.
 
-`config` is a frozen `ViTConfig` (static under jit); `params` is a plain pytree
+`config` is a frozen `ViTConfig` (or a CNN teacher's `CNNConfig`; static under jit); `params` is a plain pytree
 whose weight leaves may be arrays or compressed leaves; `sites` maps
 quantization-site addresses (`vitjax.models.sites`) to activation quantizers.
 A `Model` is itself a pytree (config as static metadata), so it passes through
@@ -20,8 +20,7 @@ import numpy as np
 from vitjax import leaves, storable
 from vitjax.leaves import logical_shape
 from vitjax.models import sites as sites_lib
-from vitjax.models.config import ViTConfig
-from vitjax.models.vit import VisionTransformer
+from vitjax.models.arch import Config, module_of, require_vit
 
 PyTree = Any
 
@@ -29,15 +28,16 @@ PyTree = Any
 @dataclasses.dataclass(frozen=True)
 class Model:
   """A ViT/DeiT configuration, its (possibly compressed) parameters, and the
-  activation quantizers of its quantization sites (address -> quantizer)."""
+  activation quantizers of its quantization sites (address -> quantizer);
+  or a CNN teacher's config and float parameters (`vitjax.models.cnn`)."""
 
-  config: ViTConfig
+  config: Config
   params: PyTree
   sites: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
-  def module(self) -> VisionTransformer:
-    return VisionTransformer(self.config)
+  def module(self) -> Any:
+    return module_of(self.config)
 
   def replace(self, **changes: Any) -> Model:
     return dataclasses.replace(self, **changes)
@@ -47,7 +47,7 @@ jax.tree_util.register_dataclass(Model, data_fields=["params", "sites"],
                                  meta_fields=["config"])
 
 
-def image_spec(config: ViTConfig, batch: int = 1) -> jax.ShapeDtypeStruct:
+def image_spec(config: Config, batch: int = 1) -> jax.ShapeDtypeStruct:
   """The shape and dtype of a batch of preprocessed images for `config`."""
   return jax.ShapeDtypeStruct(
       (batch, config.image_size, config.image_size, config.channels), jnp.float32)
@@ -73,12 +73,12 @@ def variables(model: Model) -> dict[str, Any]:
   return out
 
 
-def init(config: ViTConfig, rng: jax.Array | int = 0) -> Model:
+def init(config: Config, rng: jax.Array | int = 0) -> Model:
   """Returns a freshly initialized float32 `Model` for `config`."""
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
   images = jnp.zeros((1, config.image_size, config.image_size, config.channels))
-  params = jax.jit(VisionTransformer(config).init)(rng, images)["params"]
+  params = jax.jit(module_of(config).init)(rng, images)["params"]
   return Model(config, params)
 
 
@@ -102,7 +102,11 @@ def apply_with_intermediates(model: Model, images: jax.Array,
 
   `features[i]` is block i's output tokens (B, T, dim); `attention[i]` its
   attention probabilities (B, heads, T, T).
+
+  Raises:
+    ValueError: `model` is a CNN (it has no tokens or attention).
   """
+  require_vit(model.config, "feature/attention distillation (block tokens and attention maps)")
   out, state = model.module.apply(variables(model), images,
                                   heads=heads, mutable=["intermediates"])
   blocks = state["intermediates"]["Transformer"]
@@ -118,7 +122,11 @@ def apply_with_sites(model: Model, images: jax.Array,
   """Returns `(logits, site values)`: site address -> what that quantization
   site saw (an array; `{"lhs", "rhs"}` for a matmul of two activations).
   `deltas` (address -> arrays of the same shapes) are added to those values
-  first (calibration differentiates the logits with respect to them)."""
+  first (calibration differentiates the logits with respect to them).
+
+  Raises:
+    ValueError: `model` is a CNN (it has no quantization sites)."""
+  require_vit(model.config, "quantization sites")
   extra = {sites_lib.DELTA: nest(deltas)} if deltas else {}
   logits, state = model.module.apply({**variables(model), **extra}, images,
                                      mutable=[sites_lib.RECORD])
@@ -182,14 +190,14 @@ def weight_leaves(params: PyTree) -> Iterator[tuple[str, Any]]:
   yield from walk(params, "")
 
 
-def expected_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: Config) -> dict[str, tuple[int, ...]]:
   """Path -> dense shape of every parameter a model of `config` has."""
-  abstract = jax.eval_shape(VisionTransformer(config).init,
+  abstract = jax.eval_shape(module_of(config).init,
                             jax.random.PRNGKey(0), image_spec(config))["params"]
   return {p: tuple(leaf.shape) for p, leaf in weight_leaves(abstract)}
 
 
-def check_params(config: ViTConfig, params: PyTree) -> None:
+def check_params(config: Config, params: PyTree) -> None:
   """Raises ValueError naming the first path where `params` does not fit `config`.
 
   Checks the set of parameter paths, every leaf's (logical) shape, and that no
@@ -272,6 +280,13 @@ def _dot_flops(jaxpr: Any) -> int:
       free_l = [i for i in range(len(lhs)) if i not in lc and i not in lb]
       free_r = [i for i in range(len(rhs)) if i not in rc and i not in rb]
       total += 2 * prod(lhs, lb) * prod(lhs, lc) * prod(lhs, free_l) * prod(rhs, free_r)
+    elif eqn.primitive.name == "conv_general_dilated":
+      # 2 * output elements * (kernel window * input channels per group)
+      out_shape = eqn.outvars[0].aval.shape
+      rhs = eqn.invars[1].aval.shape
+      spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
+      window = int(np.prod([rhs[i] for i in spec[2:]])) * rhs[spec[1]]
+      total += 2 * int(np.prod(out_shape)) * window
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         inner = getattr(sub, "jaxpr", sub)
@@ -281,7 +296,8 @@ def _dot_flops(jaxpr: Any) -> int:
 
 
 def flops_per_image(model: Model) -> int:
-  """Multiply-add FLOPs (2 per MAC) of every matmul in one image's forward.
+  """Multiply-add FLOPs (2 per MAC) of every matmul and convolution in one
+  image's forward.
 
   Counted from the traced program, so low-rank factors, pruned widths and
   attention are all accounted for as they really run; element-wise work is

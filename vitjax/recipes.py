@@ -15,6 +15,8 @@ from vitjax import export
 from vitjax import model as model_lib
 from vitjax import train
 from vitjax.model import Model
+from vitjax.models.arch import Config
+from vitjax.models.cnn import CNN_PRESETS as CNN_PRESETS_BY_NAME
 from vitjax.models.config import ViTConfig, preset
 
 MODEL_DIR = "model"
@@ -36,6 +38,18 @@ TEACHER_RECIPES: dict[str, dict[str, Any]] = {
                 weight_decay=0.05, label_smoothing=0.1, crop_pad=2, flip=True),
     "b16": dict(epochs=10.0, batch_size=256, learning_rate=5e-4, warmup_steps=500,
                 weight_decay=0.05, label_smoothing=0.1, crop_pad=2, flip=True),
+}
+
+
+# The convolutional teacher per preset (`vitjax train --arch cnn`) and its
+# recipe. Trained on the training split only (validation held out, so the
+# distillation recipes that use it are chosen on unseen images). Crops and
+# flips; XLA's CPU convolutions make an epoch ~2.5x a ViT-teacher epoch here,
+# so the schedule is short (experiments/distill_cnn_teacher.py).
+CNN_PRESETS = {"tiny": "tiny-cnn"}
+CNN_TEACHER_RECIPES: dict[str, dict[str, Any]] = {
+    "tiny-cnn": dict(epochs=6.0, batch_size=128, learning_rate=2e-3, warmup_steps=200,
+                     weight_decay=0.05, label_smoothing=0.1, crop_pad=2, flip=True),
 }
 
 
@@ -61,17 +75,21 @@ STUDENT_RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def model_config(preset_name: str, dataset: data_lib.Dataset) -> ViTConfig:
-  """The preset's config fitted to the data: its classes, its pixel statistics,
-  and its channels (a 1-channel dataset may feed a 3-channel preset)."""
-  cfg = preset(preset_name, num_classes=dataset.num_classes)
+def model_config(preset_name: str, dataset: data_lib.Dataset) -> Config:
+  """The preset's config (a ViT preset, or a CNN one of `cnn.CNN_PRESETS`)
+  fitted to the data: its classes, its pixel statistics, and its channels (a
+  1-channel dataset may feed a 3-channel preset)."""
+  if preset_name in CNN_PRESETS_BY_NAME:
+    cfg = CNN_PRESETS_BY_NAME[preset_name].replace(num_classes=dataset.num_classes)
+  else:
+    cfg = preset(preset_name, num_classes=dataset.num_classes)
   channels = dataset.image_shape[-1]
   if channels != cfg.channels and channels != 1:
     cfg = cfg.replace(channels=channels)
   return cfg.replace(pixel_mean=dataset.pixel_mean, pixel_std=dataset.pixel_std)
 
 
-def student_config(student_preset: str, teacher: ViTConfig) -> ViTConfig:
+def student_config(student_preset: str, teacher: Config) -> ViTConfig:
   """The student preset's config taking the teacher's input: its classes, image
   size, channels and pixel statistics."""
   return preset(student_preset, num_classes=teacher.num_classes, channels=teacher.channels,
@@ -108,12 +126,24 @@ def _recipe(recipes: dict[str, dict[str, Any]], name: str, kind: str) -> dict[st
 
 
 def teacher_recipe(preset_name: str) -> dict[str, Any]:
-  """The teacher recipe of a preset.
+  """The teacher recipe of a preset (ViT or CNN).
 
   Raises:
     ValueError: the preset has none (no silent fallback to another preset's).
   """
-  return _recipe(TEACHER_RECIPES, preset_name, "teacher")
+  return _recipe({**TEACHER_RECIPES, **CNN_TEACHER_RECIPES}, preset_name, "teacher")
+
+
+def cnn_preset(preset_name: str) -> str:
+  """The CNN teacher preset that goes with a ViT preset.
+
+  Raises:
+    ValueError: the preset has no CNN teacher.
+  """
+  if preset_name not in CNN_PRESETS:
+    raise ValueError(f"preset {preset_name!r} has no CNN teacher; the presets with one are "
+                     f"{sorted(CNN_PRESETS)}")
+  return CNN_PRESETS[preset_name]
 
 
 def teacher_train_config(preset_name: str, n_train: int, **kwargs: Any) -> train.TrainConfig:
@@ -180,7 +210,7 @@ def finetune(model: Model, split: data_lib.Split, steps: int, workdir: str | pat
                    progress=progress, run_name=name, desc=name, run_info=run_info)
 
 
-def train_teacher(run_dir: str | pathlib.Path, config: ViTConfig,
+def train_teacher(run_dir: str | pathlib.Path, config: Config,
                   images: data_lib.Split, cfg: train.TrainConfig, *,
                   seed: int = 0, progress: bool = True, init: Model | None = None) -> Model:
   """Returns the trained model of `run_dir`, training (or resuming) it on

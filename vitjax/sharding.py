@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "data"
@@ -87,3 +88,28 @@ def global_batch(local: Any, mesh: Mesh) -> Any:
   sharding = batch_sharding(mesh)
   return jax.tree_util.tree_map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+
+
+def to_host(tree: Any) -> Any:
+  """Every array of `tree` as a whole numpy array on this host.
+
+  Arrays sharded over other processes' devices (FSDP across hosts) are
+  all-gathered first (`multihost_utils.process_allgather`, a collective: every
+  process must call this together); local ones are copied.
+  """
+  def one(x: Any) -> Any:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.device_get(x)
+  return jax.tree_util.tree_map(one, tree)
+
+
+def is_writer() -> bool:
+  """True in the one process that writes shared files (process 0)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (no-op alone)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

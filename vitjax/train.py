@@ -359,7 +359,9 @@ def fingerprint(*trees: Any) -> str:
 
 def _check_meta(workdir: pathlib.Path, meta: dict[str, Any]) -> None:
   path = workdir / META_FILE
-  if path.exists():
+  exists = path.exists()
+  sharding.barrier("train-meta-read")  # every process looked before any writes
+  if exists:
     saved = json.loads(path.read_text())
     try:  # a config saved before a field existed holds that field's default
       saved["model"] = ViTConfig.from_dict(saved["model"]).to_dict()
@@ -374,9 +376,11 @@ def _check_meta(workdir: pathlib.Path, meta: dict[str, Any]) -> None:
           "--overwrite starts over) or the same settings, weights and data")
   else:
     workdir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-    tmp.replace(path)
+    if sharding.is_writer():
+      tmp = path.with_suffix(".tmp")
+      tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+      tmp.replace(path)
+  sharding.barrier("train-meta-written")
 
 
 def _manager(workdir: pathlib.Path, cfg: TrainConfig) -> ocp.CheckpointManager:
@@ -431,6 +435,9 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
                      "models: train first, then quantize the sites")
   data_lib.check_compatible(split.images.shape[1:], int(split.labels.max()) + 1,
                             model.config)
+  if cfg.patch_dropout and not isinstance(model.config, ViTConfig):
+    raise ValueError(f"TrainConfig.patch_dropout={cfg.patch_dropout} drops patch tokens, "
+                     f"which a {type(model.config).__name__} model does not have; use 0")
   mesh = mesh or sharding.make_mesh()
   sharding.check_batch_size(cfg.batch_size, mesh)
   if cfg.batch_size > len(split):
@@ -445,6 +452,12 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
                                          (model.params, extra))
   state = TrainState(params, extra, optimizer.init(train_leaves), jnp.zeros((), jnp.int32))
 
+  state_sharding = TrainState(
+      sharding.param_shardings(state.params, mesh, cfg.fsdp),
+      sharding.param_shardings(state.extra, mesh, cfg.fsdp),
+      sharding.param_shardings(state.opt_state, mesh, cfg.fsdp),
+      sharding.replicated(mesh))
+  state = jax.device_put(state, state_sharding)
   manager = None
   start = 0
   if workdir is not None:
@@ -459,16 +472,11 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
     manager = _manager(workdir, cfg)
     latest = manager.latest_step()
     if latest is not None:
+      # Restored straight into the (possibly multi-process, FSDP) shardings.
       abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
       state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
       start = int(latest)
 
-  state_sharding = TrainState(
-      sharding.param_shardings(state.params, mesh, cfg.fsdp),
-      sharding.param_shardings(state.extra, mesh, cfg.fsdp),
-      sharding.param_shardings(state.opt_state, mesh, cfg.fsdp),
-      sharding.replicated(mesh))
-  state = jax.device_put(state, state_sharding)
   aux = jax.device_put(aux, sharding.replicated(mesh)) if aux is not None else None
   per_epoch = data_lib.steps_per_epoch(len(split), cfg.batch_size)
   data_spec = sharding.batch_sharding(mesh)
@@ -515,7 +523,9 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
     _, frozen = partition.split((state.params, state.extra))
     params, _ = _constrained_params(partition, averaged_leaves(state.opt_state), frozen,
                                    post_update, state.step)
-  return Model(model.config, jax.device_get(params))
+  # FSDP shards across processes are all-gathered: every process returns the
+  # whole model (only process 0 should write it: `export.save_model` does so).
+  return Model(model.config, sharding.to_host(params))
 
 
 def steps_for_epochs(epochs: float, n: int, batch_size: int) -> int:

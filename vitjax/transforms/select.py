@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 from vitjax import model as model_lib
 from vitjax.model import Model
+from vitjax.models.arch import require_vit
 
 Transform = Callable[[Model], Model]
 Patterns = str | Sequence[str]
@@ -124,6 +125,7 @@ class LayerTransform:
   prepare: Callable[[Model, list[str]], Any] | None = None
 
   def __call__(self, model: Model) -> Model:
+    require_vit(model.config, f"the {self.name} transform")
     chosen = resolve(model.params, self.include, self.exclude)
     context = self.prepare(model, chosen) if self.prepare is not None else None
     new = {layer: self.fn(layer, get_kernel(model.params, layer), context)

@@ -24,6 +24,7 @@ import numpy as np
 from vitjax import losses
 from vitjax import model as model_lib
 from vitjax.model import Model
+from vitjax.models.arch import require_vit
 from vitjax.models.inputs import preprocess
 
 if TYPE_CHECKING:  # a type only: transforms do not import the dataset module
@@ -194,7 +195,7 @@ def heads_and_neurons(*, head_keep: float | Sequence[int] = 1.0,
     raise ValueError("score='taylor' needs a labeled calibration split")
 
   def transform(model: Model) -> Model:
-    cfg = model.config
+    cfg = require_vit(model.config, "structured pruning of heads and neurons")
     heads_n = [cfg.heads(i) for i in range(cfg.depth)]
     mlp_n = [cfg.mlp_width(i) for i in range(cfg.depth)]
     h_counts = keep_counts(head_keep, heads_n, "head_keep", "head")

@@ -1,0 +1,174 @@
+"""Does distillation pay? The tiny DeiT student with a CNN, ViT or ensemble
+teacher against the same student trained on labels alone.
+
+1. Trains the CNN teacher (`recipes.CNN_TEACHER_RECIPES`, `vitjax.models.cnn`)
+   on the training split only; reports its validation and test top-1, its
+   training time and parameters.
+2. Chooses the distillation recipe on the validation split: each candidate
+   (teacher: none / CNN / ViT / both; hard or soft targets) trains the student
+   preset with the student recipe (`recipes.STUDENT_RECIPES`) on the training
+   split (validation held out), seed 0; scored on the validation images.
+3. Tests once: the chosen recipe and "no teacher", 3 seeds each, trained as
+   the survey trains its student (training + validation images), scored on
+   the test split. Same architecture, steps, batch order and augmentation.
+
+  .venv/bin/python experiments/distill_cnn_teacher.py        # ~90 min on 2 EPYC cores
+  .venv/bin/python experiments/distill_cnn_teacher.py --quick
+
+The ViT teacher is the survey's (checkpoints/survey/teacher; `bash run.sh main`
+trains it). Every run is resumable and reused; results go to
+experiments/results/distill_cnn_teacher.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import time
+
+from vitjax import entry
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
+                             entry.cpu_device_flag(os.cpu_count())).strip()
+
+from vitjax import data as data_lib  # noqa: E402
+from vitjax import distill, evaluate, export, recipes, train  # noqa: E402
+from vitjax import model as model_lib  # noqa: E402
+
+HERE = pathlib.Path(__file__).parent
+
+# name -> (teachers, DistillConfig weights); teachers among "cnn", "vit".
+CANDIDATES: dict[str, tuple[tuple[str, ...], dict]] = {
+    "cnn-hard": (("cnn",), dict(ce=0.5, hard=0.5)),
+    "no-teacher": ((), {}),
+    "cnn+vit-hard": (("cnn", "vit"), dict(ce=0.5, hard=0.5)),
+    "cnn-soft": (("cnn",), dict(ce=0.5, soft=0.5, temperature=2.0)),
+    "vit-hard": (("vit",), dict(ce=0.5, hard=0.5)),
+}
+SEEDS = (0, 1, 2)
+
+
+def student(teachers: dict, names: tuple[str, ...], weights: dict, images: data_lib.Split,
+            tcfg: train.TrainConfig, workdir: pathlib.Path, seed: int,
+            progress: bool) -> model_lib.Model:
+  config = recipes.student_config("tiny-student", teachers["vit"].config)
+  init = model_lib.init(config, seed)
+  if not names:
+    return train.fit(init, images, tcfg, workdir=workdir / "train", progress=progress,
+                     run_name="student without teacher", desc="no teacher")
+  team = tuple(teachers[n] for n in names)
+  team = team[0] if len(team) == 1 else team
+  cache = distill.cached_teacher(team, images, tcfg, workdir / "teacher_cache.npz",
+                                 progress=progress)
+  return distill.fit_student(team, init, images, tcfg, distill.DistillConfig(**weights),
+                             cache=cache, workdir=workdir / "train", progress=progress)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="plumbing check: tiny budgets")
+  parser.add_argument("--out", default="checkpoints/distill_cnn_teacher")
+  parser.add_argument("--vit-teacher", default="checkpoints/survey/teacher")
+  args = parser.parse_args()
+  out = pathlib.Path(args.out) / ("quick" if args.quick else "full")
+  results_path = HERE / "results" / "distill_cnn_teacher.json"
+  dataset = data_lib.load("fashion_mnist")
+  if args.quick:
+    import dataclasses
+    dataset = dataclasses.replace(dataset, train=dataset.train.take(slice(0, 1024)),
+                                  validation=dataset.validation.take(slice(0, 500)),
+                                  test=dataset.test.take(slice(0, 500)))
+  epochs = dict(epochs=0.2) if args.quick else {}
+  results: dict = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick}
+
+  # 1. the CNN teacher
+  cnn_name = recipes.cnn_preset("tiny")
+  cnn_config = recipes.model_config(cnn_name, dataset)
+  cnn_images = recipes.recipe_images(recipes.teacher_recipe(cnn_name), dataset)
+  cnn_cfg = recipes.teacher_train_config(cnn_name, len(cnn_images), **epochs)
+  t = time.perf_counter()
+  cnn = recipes.train_teacher(out / "cnn-teacher", cnn_config, cnn_images, cnn_cfg)
+  cnn_seconds = time.perf_counter() - t
+  vit = export.load_model(recipes.model_dir_of(args.vit_teacher))
+  teachers = {"cnn": cnn, "vit": vit}
+  results["teachers"] = {
+      name: {"validation": 100 * evaluate.accuracy(m, dataset.validation),
+             "test": 100 * evaluate.accuracy(m, dataset.test),
+             "params": model_lib.param_count(m),
+             "mflops": model_lib.flops_per_image(m) / 1e6}
+      for name, m in teachers.items()}
+  results["teachers"]["cnn"]["train_seconds"] = round(cnn_seconds, 1)
+  results["teachers"]["cnn"]["train_images"] = len(cnn_images)
+  print(json.dumps(results["teachers"], indent=1))
+
+  # 2. the recipe, on validation
+  held_out = dataset.train
+  tcfg = recipes.student_train_config("tiny-student", len(held_out), **epochs)
+  results["validation"] = {}
+  for name, (names, weights) in CANDIDATES.items():
+    t = time.perf_counter()
+    m = student(teachers, names, weights, held_out, tcfg, out / "val" / name, 0, True)
+    results["validation"][name] = {
+        "accuracy": 100 * evaluate.accuracy(m, dataset.validation),
+        "seconds": round(time.perf_counter() - t, 1)}
+    print(name, results["validation"][name], flush=True)
+  chosen = max((n for n in CANDIDATES if n != "no-teacher"),
+               key=lambda n: results["validation"][n]["accuracy"])
+  results["chosen"] = chosen
+
+  # 3. test once: chosen vs no teacher, 3 seeds, as the survey trains its student
+  images = recipes.student_images("tiny-student", dataset)
+  results["test"] = {}
+  for name in (chosen, "no-teacher"):
+    names, weights = CANDIDATES[name]
+    accs = []
+    for seed in SEEDS:
+      tcfg = recipes.student_train_config("tiny-student", len(images), seed=seed, **epochs)
+      m = student(teachers, names, weights, images, tcfg, out / "test" / f"{name}-{seed}",
+                  seed, True)
+      accs.append(100 * evaluate.accuracy(m, dataset.test))
+      print(name, seed, accs[-1], flush=True)
+    results["test"][name] = {"seeds": list(SEEDS), "accuracy": accs,
+                             "mean": statistics.mean(accs),
+                             "stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0}
+  reports = evaluate.compare({"vit-teacher": vit, "student": m}, dataset.test,
+                             rounds=3 if args.quick else 7)
+  results["throughput_ratio"] = reports["student"].throughput / reports["vit-teacher"].throughput
+  results["gain"] = results["test"][chosen]["mean"] - results["test"]["no-teacher"]["mean"]
+  if not args.quick:
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results, indent=1))
+    results_path.with_suffix(".md").write_text(markdown(results))
+  print(markdown(results))
+
+
+def markdown(r: dict) -> str:
+  lines = [f"Distillation with a CNN teacher, {r['date']}" +
+           (" (QUICK: not meaningful)" if r["quick"] else ""), "",
+           "| teacher | params | MFLOPs | validation % | test % |", "|---|---:|---:|---:|---:|"]
+  for name, t in r["teachers"].items():
+    lines.append(f"| {name} | {t['params']:,} | {t['mflops']:.1f} | {t['validation']:.2f} "
+                 f"| {t['test']:.2f} |")
+  cnn = r["teachers"]["cnn"]
+  lines += ["", f"CNN teacher: {cnn['train_images']} training images, "
+            f"{cnn['train_seconds'] / 60:.1f} min.", "",
+            "| student recipe (seed 0, training split) | validation % |", "|---|---:|"]
+  for name, v in r["validation"].items():
+    lines.append(f"| {name}{' (chosen)' if name == r['chosen'] else ''} | "
+                 f"{v['accuracy']:.2f} |")
+  lines += ["", "| student (train + validation, test once) | seeds | test % | mean ± sd |",
+            "|---|---|---|---:|"]
+  for name, v in r["test"].items():
+    lines.append(f"| {name} | {v['seeds']} | {', '.join(f'{a:.2f}' for a in v['accuracy'])} "
+                 f"| {v['mean']:.2f} ± {v['stdev']:.2f} |")
+  lines += ["", f"Gain of distillation: {r['gain']:+.2f} pt; student throughput "
+            f"{r['throughput_ratio']:.2f}x the ViT teacher's (batch 256)."]
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  main()
