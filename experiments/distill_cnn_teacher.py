@@ -73,6 +73,9 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="plumbing check: tiny budgets")
   parser.add_argument("--out", default="checkpoints/distill_cnn_teacher")
   parser.add_argument("--vit-teacher", default="checkpoints/survey/teacher")
+  parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES),
+                      choices=list(CANDIDATES), help="recipes to compare on validation "
+                      "(no-teacher is always run)")
   args = parser.parse_args()
   out = pathlib.Path(args.out) / ("quick" if args.quick else "full")
   results_path = HERE / "results" / "distill_cnn_teacher.json"
@@ -109,14 +112,15 @@ def main() -> None:
   held_out = dataset.train
   tcfg = recipes.student_train_config("tiny-student", len(held_out), **epochs)
   results["validation"] = {}
-  for name, (names, weights) in CANDIDATES.items():
+  for name in dict.fromkeys(["no-teacher"] + args.candidates):
+    names, weights = CANDIDATES[name]
     t = time.perf_counter()
     m = student(teachers, names, weights, held_out, tcfg, out / "val" / name, 0, True)
     results["validation"][name] = {
         "accuracy": 100 * evaluate.accuracy(m, dataset.validation),
         "seconds": round(time.perf_counter() - t, 1)}
     print(name, results["validation"][name], flush=True)
-  chosen = max((n for n in CANDIDATES if n != "no-teacher"),
+  chosen = max((n for n in results["validation"] if n != "no-teacher"),
                key=lambda n: results["validation"][n]["accuracy"])
   results["chosen"] = chosen
 

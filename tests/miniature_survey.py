@@ -19,10 +19,14 @@ import numpy as np  # noqa: E402
 
 from helpers import MINI_STUDENT, MINI_TEACHER, synthetic_split  # noqa: E402
 from vitjax import cli, recipes  # noqa: E402
+from vitjax.models import cnn as cnn_lib  # noqa: E402
 from vitjax.models import config as config_lib  # noqa: E402
 
 config_lib.PRESETS["tiny"] = MINI_TEACHER
 config_lib.PRESETS["tiny-student"] = MINI_STUDENT
+cnn_lib.CNN_PRESETS["tiny-cnn"] = cnn_lib.CNNConfig(
+    image_size=MINI_TEACHER.image_size, channels=1, num_classes=MINI_TEACHER.num_classes,
+    widths=(8, 16), blocks=(1, 1), groups=4, stem_stride=1)
 recipes.TEACHER_RECIPES["tiny"] = dict(recipes.TEACHER_RECIPES["tiny"], learning_rate=1e-2,
                                        batch_size=32)
 out = pathlib.Path(sys.argv[1])

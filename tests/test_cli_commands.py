@@ -13,6 +13,7 @@ import pytest
 from helpers import synthetic_split
 from vitjax import cli, data, evaluate, export, recipes
 from vitjax import model as model_lib
+from vitjax.models import cnn as cnn_lib
 from vitjax.models import config as config_lib
 from vitjax.transforms import prune
 
@@ -310,3 +311,35 @@ def test_import_finetune_quantize_export_from_a_timm_file(world, tmp_path, capsy
   (tmp_path / "w.pth").write_bytes(b"\x80")
   assert cli.main(["import", str(tmp_path / "w.pth"), "--out", str(tmp_path / "x")]) == 2
   assert "pickle" in capsys.readouterr().err
+
+
+def test_cnn_teacher_trains_teaches_an_ensemble_and_refuses_compression(world, tmp_path,
+                                                                        capsys, presets):
+  small_cnn = cnn_lib.CNNConfig(image_size=28, channels=1, num_classes=4, widths=(8, 16),
+                                blocks=(1, 1), groups=4)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setitem(cnn_lib.CNN_PRESETS, "tiny-cnn", small_cnn)
+    assert cli.main(["train", "--arch", "cnn", "--steps", "30", "--batch-size", "64",
+                     "--out", str(tmp_path / "cnn"), *_data(world)]) == 0
+  text = capsys.readouterr().out
+  assert "training tiny-cnn CNN (stage widths [8, 16], blocks [1, 1])" in text
+  cnn = export.load_model(tmp_path / "cnn" / "model")
+  top1 = float(re.search(r"teacher \[test\]: top-1 ([\d.]+)%", text).group(1))
+  assert top1 == pytest.approx(evaluate.accuracy(cnn, data.load("npz", world).test) * 100,
+                               abs=0.005)
+  assert cnn.config == small_cnn.replace(pixel_mean=cnn.config.pixel_mean,
+                                         pixel_std=cnn.config.pixel_std)
+  out = tmp_path / "d"
+  assert cli.main(["distill", "--teacher", str(tmp_path / "cnn"), str(world / "teacher"),
+                   "--steps", "4", "--batch-size", "32", "--offline", "4", "--out", str(out),
+                   *_data(world)]) == 0
+  _check_row(capsys.readouterr().out, "student (distilled)", out / "model", world)
+  assert cli.main(["distill", "--teacher", str(tmp_path / "cnn"), "--feature", "1",
+                   "--steps", "2", "--out", str(tmp_path / "f"), *_data(world)]) == 2
+  assert "needs a single ViT teacher" in capsys.readouterr().err
+  assert cli.main(["quantize", str(tmp_path / "cnn"), "--method", "weight-int8",
+                   "--out", str(tmp_path / "q"), *_data(world)]) == 2
+  assert "needs a ViT/DeiT; this model is a cnn" in capsys.readouterr().err
+  assert cli.main(["train", "--arch", "cnn", "--steps", "2", "--patch-dropout", "0.5",
+                   "--out", str(tmp_path / "pd"), *_data(world)]) == 2
+  assert "patch_dropout=0.5 drops patch tokens" in capsys.readouterr().err

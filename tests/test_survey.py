@@ -47,7 +47,7 @@ def test_survey_writes_every_method_with_consistent_figures(tmp_path):
   test = data.load("npz", out.parent / "data").test.take(slice(0, 500))
   results = json.loads((tmp_path / "results.json").read_text())
   rows = results["rows"]
-  assert set(rows) == {"teacher"} | {m.name for m in survey.METHODS}
+  assert set(rows) == {"teacher", survey.CNN_TEACHER} | {m.name for m in survey.METHODS}
   assert (tmp_path / "results.md").read_text().count("\n| ") == len(rows) + 1
   assert (tmp_path / "pareto.png").stat().st_size > 10_000
   teacher_disk = export.disk_bytes(tmp_path / "teacher" / recipes.MODEL_DIR)
@@ -74,6 +74,16 @@ def test_survey_writes_every_method_with_consistent_figures(tmp_path):
     cfg = export.load_model(tmp_path / name / recipes.MODEL_DIR).config
     assert rows[name]["flops"] == hand_flops(cfg), name
   assert rows["student"]["flops"] == hand_flops(MINI_STUDENT)
+  # The student without a teacher: the same architecture, trained otherwise.
+  assert rows[survey.NO_TEACHER]["flops"] == rows["student"]["flops"]
+  assert rows[survey.NO_TEACHER]["params"] == rows["student"]["params"]
+  cnn = export.load_model(tmp_path / survey.CNN_TEACHER / recipes.MODEL_DIR)
+  assert type(cnn.config).__name__ == "CNNConfig"
+  assert rows[survey.CNN_TEACHER]["disk_bytes"] == export.disk_bytes(
+      tmp_path / survey.CNN_TEACHER / recipes.MODEL_DIR)
+  student_run = json.loads((tmp_path / "student" / recipes.TRAIN_DIR /
+                            "train_meta.json").read_text())
+  assert '"arch": "cnn"' in student_run["run"]  # distilled from the CNN teacher
   files = [p for p in (tmp_path / "teacher" / recipes.MODEL_DIR).rglob("*") if p.is_file()]
   assert rows["teacher"]["disk_bytes"] == sum(os.path.getsize(p) for p in files)
   # Weights of an int8 model take a quarter of float32; int4 an eighth.

@@ -19,6 +19,7 @@ from vitjax import data as data_lib
 from vitjax import distill, evaluate, export, plots, recipes, sharding, stablehlo, survey, train
 from vitjax import model as model_lib
 from vitjax.models import adapt, convert
+from vitjax.models.arch import ARCHS
 from vitjax.models.config import GELUS, PRESETS
 from vitjax.quantizers import uniform
 from vitjax.transforms import lowrank, prune, ptq, quantize, structured
@@ -123,8 +124,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                        f"... --num-classes {dataset.num_classes})")
     recipe = recipes.TRANSFER_RECIPE
   else:
-    config = recipes.model_config(args.preset, dataset)
-    recipe = recipes.teacher_recipe(args.preset)
+    name = recipes.cnn_preset(args.preset) if args.arch == "cnn" else args.preset
+    config = recipes.model_config(name, dataset)
+    recipe = recipes.teacher_recipe(name)
   _check_data(dataset, config)
   images = recipes.recipe_images(recipe, dataset,
                                  hold_out_validation=args.hold_out_validation)
@@ -140,9 +142,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"reusing the finished run in {run_dir} if it was trained with these settings "
           "and data (--overwrite trains again)")
   else:
-    what = f"{args.init} ({adapt.describe(config)})" if init else \
-        f"{args.preset} ViT ({config.depth} blocks, dim {config.dim}, patch " \
-        f"{config.patch_size})"
+    if init:
+      what = f"{args.init} ({adapt.describe(config)})"
+    elif args.arch == "cnn":
+      what = (f"{recipes.cnn_preset(args.preset)} CNN (stage widths {list(config.widths)}, "
+              f"blocks {list(config.blocks)})")
+    else:
+      what = (f"{args.preset} ViT ({config.depth} blocks, dim {config.dim}, patch "
+              f"{config.patch_size})")
     print(f"training {what} on {len(images)} images for {cfg.steps} steps of "
           f"{cfg.batch_size}; run directory {run_dir}")
   start = time.perf_counter()
@@ -340,11 +347,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
   out = pathlib.Path(args.out)
   if jax.process_index() == 0:
     start_run(out, args.overwrite, out / recipes.MODEL_DIR)
-  teacher_dir = recipes.model_dir_of(args.teacher)
-  teacher = export.load_model(teacher_dir)
+  teacher_dirs = [recipes.model_dir_of(t) for t in args.teacher]
+  members = tuple(export.load_model(d) for d in teacher_dirs)
+  teacher = members[0] if len(members) == 1 else members
+  teacher_dir = teacher_dirs[0]
   dataset = _load_data(args)
-  _check_data(dataset, teacher.config)
-  student_cfg = recipes.student_config(args.student_preset, teacher.config)
+  for m in members:
+    _check_data(dataset, m.config)
+  student_cfg = recipes.student_config(args.student_preset, members[0].config)
   cfg = distill.DistillConfig(
       ce=args.ce, soft=args.soft, hard=args.hard, feature=args.feature,
       attention=args.attention, temperature=args.T)
@@ -368,12 +378,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
   student = distill.fit_student(teacher, model_lib.init(student_cfg, args.seed),
                                 images, tcfg, cfg, cache=cache,
                                 workdir=out / recipes.TRAIN_DIR, on_step=record("distilled"))
-  models = {"teacher": teacher, "student (distilled)": student}
+  models = {"teacher": members[0], "student (distilled)": student}
   disk = {"teacher": export.disk_bytes(teacher_dir),
           "student (distilled)": export.save_model(
               student, out / recipes.MODEL_DIR, overwrite=args.overwrite,
               metadata={"distill": dataclasses.asdict(cfg), "train": tcfg.to_dict(),
-                        "teacher": str(teacher_dir)})}
+                        "teacher": [str(d) for d in teacher_dirs]})}
   if args.baseline:
     alone = train.fit(model_lib.init(student_cfg, args.seed), images, tcfg,
                       workdir=out / "baseline" / recipes.TRAIN_DIR, run_name="baseline",
@@ -393,6 +403,7 @@ def cmd_survey(args: argparse.Namespace) -> int:
   settings = survey.Settings.quick_mode(args.preset) if args.quick else survey.Settings(
       preset=args.preset)
   overrides = {k: v for k, v in (("finetune_steps", args.finetune_steps),
+                                 ("student_teacher", args.student_teacher),
                                  ("student_epochs", args.student_epochs),
                                  ("teacher_epochs", args.teacher_epochs)) if v is not None}
   settings = dataclasses.replace(settings, **overrides)
@@ -401,14 +412,16 @@ def cmd_survey(args: argparse.Namespace) -> int:
   export.check_writable_directory(out)
   if args.overwrite and out.is_dir():
     # Every method and intermediate stage (e.g. student+structured) is built
-    # again; a finished teacher is kept (it is reused only if it was trained
-    # with these settings and data).
-    teacher = pathlib.Path(args.teacher or out / "teacher").resolve()
+    # again; finished teachers are kept (each is reused only if it was
+    # trained with these settings and data).
+    teachers = {pathlib.Path(args.teacher or out / "teacher").resolve(),
+                pathlib.Path(args.cnn_teacher or out / survey.CNN_TEACHER).resolve()}
     for run in out.iterdir():
       is_run = (run / recipes.MODEL_DIR).is_dir() or (run / recipes.TRAIN_DIR).is_dir()
-      if run.is_dir() and is_run and run.resolve() != teacher:
+      if run.is_dir() and is_run and run.resolve() not in teachers:
         shutil.rmtree(run)
-  results = survey.run(settings, out, dataset=_load_data(args), teacher_dir=args.teacher)
+  results = survey.run(settings, out, dataset=_load_data(args), teacher_dir=args.teacher,
+                       cnn_teacher_dir=args.cnn_teacher)
   print(survey.markdown(results))
   print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'pareto.png'}")
   return 0
@@ -535,8 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true")
   p.set_defaults(func=cmd_export)
 
-  p = sub.add_parser("train", help="train a ViT (the teacher) and report it")
+  p = sub.add_parser("train", help="train a ViT or CNN teacher and report it")
   p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+  p.add_argument("--arch", default="vit", choices=list(ARCHS),
+                 help="vit: the preset's ViT; cnn: the preset's ResNet teacher "
+                      "(recipes.CNN_PRESETS, DeiT's convnet teacher)")
   p.add_argument("--epochs", type=POSITIVE, default=None, help="default: the preset's recipe")
   p.add_argument("--steps", type=POSITIVE_INT, default=None, help="overrides --epochs")
   p.add_argument("--batch-size", type=POSITIVE_INT, default=None)
@@ -623,7 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=cmd_lowrank)
 
   p = sub.add_parser("distill", help="distill a student from a saved teacher")
-  p.add_argument("--teacher", required=True, help="the teacher's run or model directory")
+  p.add_argument("--teacher", required=True, nargs="+",
+                 help="the teacher's run or model directory (a ViT, or a CNN from "
+                      "`vitjax train --arch cnn`); several: an ensemble (mean "
+                      "log-probabilities); the table compares against the first")
   p.add_argument("--student-preset", default="tiny-student", choices=sorted(PRESETS))
   p.add_argument("--hard", type=WEIGHT, default=0.5, help="weight of DeiT hard-label loss")
   p.add_argument("--soft", type=WEIGHT, default=0.0, help="weight of soft KL (use with --T)")
@@ -660,6 +679,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="smoke run with a few steps per stage (checks the plumbing)")
   p.add_argument("--teacher", default=None,
                  help="run directory of a trained teacher (default <out>/teacher)")
+  p.add_argument("--cnn-teacher", default=None,
+                 help="run directory of a trained CNN teacher (default <out>/cnn-teacher)")
+  p.add_argument("--student-teacher", default=None, choices=list(survey.STUDENT_TEACHERS),
+                 help="who teaches the student row (default: Settings.student_teacher)")
   p.add_argument("--finetune-steps", type=COUNT, default=None)
   p.add_argument("--student-epochs", type=POSITIVE, default=None)
   p.add_argument("--teacher-epochs", type=POSITIVE, default=None)

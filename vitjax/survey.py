@@ -18,16 +18,23 @@ import datetime
 import json
 import pathlib
 import time
-from typing import Any, Callable
+import typing
+from typing import Any, Callable, Literal
 
 import jax
 
 from vitjax import data as data_lib
-from vitjax import distill, evaluate, export, plots, recipes, xla_cpu
+from vitjax import distill, evaluate, export, plots, recipes, train, xla_cpu
 from vitjax import model as model_lib
 from vitjax import progress as progress_lib
 from vitjax.model import Model
 from vitjax.transforms import lowrank, prune, ptq, quantize, structured
+
+
+StudentTeacher = Literal["cnn", "vit", "cnn+vit"]
+STUDENT_TEACHERS: tuple[str, ...] = typing.get_args(StudentTeacher)
+CNN_TEACHER = "cnn-teacher"
+NO_TEACHER = "student (no teacher)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +47,12 @@ class Settings:
     student_epochs: distillation epochs of the student.
     teacher_epochs: None: the preset's recipe.
     calibration: images for static quantization and the PTQ recipes.
+    student_teacher: who teaches the "student" row: "cnn" (the ResNet of
+      `recipes.CNN_PRESETS`, DeiT's convnet teacher), "vit" (the survey's
+      teacher) or "cnn+vit" (their ensemble); chosen on the validation split
+      by experiments/distill_cnn_teacher.py. The "student (no teacher)" row
+      trains the same student the same way on labels alone.
+    cnn_epochs: the CNN teacher's epochs; None: its recipe's.
     ptq_w6a6, ptq_w4a4: the PTQ recipes (`vitjax.transforms.ptq`) of the W6A6
       and W4A4 rows: the teacher's validation winners in
       experiments/ptq_table.py (2026-11-25).
@@ -55,6 +68,8 @@ class Settings:
   student_epochs: float | None = None
   teacher_epochs: float | None = None
   calibration: int = 512
+  student_teacher: StudentTeacher = "cnn"
+  cnn_epochs: float | None = None
   ptq_w6a6: str = "repqvit+gptq"
   ptq_w4a4: str = "repqvit"
   train_images: int | None = None
@@ -66,11 +81,14 @@ class Settings:
       value = getattr(self, name)
       if value is not None and value < 1:
         raise ValueError(f"Settings.{name} must be None (all images) or >= 1, got {value}")
+    if self.student_teacher not in STUDENT_TEACHERS:
+      raise ValueError(f"Settings.student_teacher={self.student_teacher!r}; choose one of "
+                       f"{STUDENT_TEACHERS}")
 
   @classmethod
   def quick_mode(cls, preset_name: str = "tiny") -> Settings:
     return cls(preset=preset_name, finetune_steps=4, student_epochs=0.5,
-               teacher_epochs=1.0, calibration=64, train_images=2048, test_images=500,
+               teacher_epochs=1.0, cnn_epochs=0.5, calibration=64, train_images=2048, test_images=500,
                quick=True)
 
 
@@ -83,6 +101,22 @@ class Context:
   settings: Settings
   out: pathlib.Path
   progress: bool = True
+  cnn_teacher: Model | None = None
+
+  def student_teacher(self) -> Any:
+    """The teacher (a Model or an ensemble tuple) of the "student" row."""
+    team = {"cnn": (self.cnn_teacher,), "vit": (self.teacher,),
+            "cnn+vit": (self.cnn_teacher, self.teacher)}[self.settings.student_teacher]
+    return team[0] if len(team) == 1 else team
+
+  def student_setup(self) -> tuple[Any, data_lib.Split, Any]:
+    """(student config, training images, TrainConfig) of both student rows."""
+    name = recipes.STUDENT_PRESETS[self.settings.preset]
+    config = recipes.student_config(name, self.teacher.config)
+    images = recipes.student_images(name, self.dataset).take(
+        slice(0, self.settings.train_images))
+    tcfg = recipes.student_train_config(name, len(images), epochs=self.settings.student_epochs)
+    return config, images, tcfg
 
   def finetune(self, model: Model, name: str, post_update: Any = None,
                learning_rate: float = 3e-4) -> Model:
@@ -106,12 +140,8 @@ class Method:
 
 
 def _student(ctx: Context, _: dict[str, Model]) -> Model:
-  teacher = ctx.teacher
-  name = recipes.STUDENT_PRESETS[ctx.settings.preset]
-  config = recipes.student_config(name, teacher.config)
-  images = recipes.student_images(name, ctx.dataset).take(
-      slice(0, ctx.settings.train_images))
-  tcfg = recipes.student_train_config(name, len(images), epochs=ctx.settings.student_epochs)
+  config, images, tcfg = ctx.student_setup()
+  teacher = ctx.student_teacher()
   cache = distill.cached_teacher(teacher, images, tcfg,
                                  ctx.out / "student" / "teacher_cache.npz",
                                  progress=ctx.progress)
@@ -119,6 +149,13 @@ def _student(ctx: Context, _: dict[str, Model]) -> Model:
                              distill.DistillConfig(ce=0.5, hard=0.5), cache=cache,
                              workdir=ctx.out / "student" / recipes.TRAIN_DIR,
                              progress=ctx.progress)
+
+
+def _student_without_teacher(ctx: Context, _: dict[str, Model]) -> Model:
+  config, images, tcfg = ctx.student_setup()
+  return train.fit(model_lib.init(config, 0), images, tcfg,
+                   workdir=ctx.out / NO_TEACHER / recipes.TRAIN_DIR, progress=ctx.progress,
+                   run_name="student without teacher", desc="no teacher")
 
 
 def _ptq(ctx: Context, model: Model, recipe: str, bits: int,
@@ -191,7 +228,10 @@ METHODS: list[Method] = [
            lambda ctx, src: _structured(ctx, src, "structured", "teacher", 0.75, 0.5),
            ("teacher",), "25% of heads and 50% of MLP neurons removed (L2), fine-tuned"),
     Method("student", "distillation", _student, (),
-           "DeiT student (distillation token) trained from the teacher's cached logits"),
+           "DeiT student (distillation token), hard distillation from the cached logits "
+           "of Settings.student_teacher (the CNN teacher, chosen on validation)"),
+    Method(NO_TEACHER, "distillation", _student_without_teacher, (),
+           "the same student, steps, batches and augmentation, trained on labels alone"),
     Method("student+int8", "combination",
            lambda ctx, src: _static_int8(ctx, src["student"]), ("student",),
            "distilled student, static W8A8 PTQ"),
@@ -224,7 +264,8 @@ def _order(methods: list[Method]) -> list[Method]:
 
 def run(settings: Settings, out: str | pathlib.Path = "checkpoints/survey", *,
         dataset: data_lib.Dataset | None = None, methods: list[Method] | None = None,
-        teacher_dir: str | pathlib.Path | None = None, progress: bool = True
+        teacher_dir: str | pathlib.Path | None = None,
+        cnn_teacher_dir: str | pathlib.Path | None = None, progress: bool = True
         ) -> dict[str, Any]:
   """Runs the survey; returns (and writes) the results.
 
@@ -235,6 +276,8 @@ def run(settings: Settings, out: str | pathlib.Path = "checkpoints/survey", *,
     methods: defaults to `METHODS`.
     teacher_dir: a run directory holding a trained teacher (default
       `<out>/teacher`, trained there if absent).
+    cnn_teacher_dir: the same for the CNN teacher (default `<out>/cnn-teacher`),
+      trained when `settings.student_teacher` uses it.
   """
   out = pathlib.Path(out)
   methods = _order(methods if methods is not None else METHODS)
@@ -245,7 +288,7 @@ def run(settings: Settings, out: str | pathlib.Path = "checkpoints/survey", *,
   test = dataset.test if settings.test_images is None else \
       dataset.test.take(slice(0, settings.test_images))
   started = time.perf_counter()
-  stages = progress_lib.bar(len(methods) + 2, "survey", enabled=progress, position=0)
+  stages = progress_lib.bar(len(methods) + 3, "survey", enabled=progress, position=0)
 
   stages.set_postfix_str("teacher")
   teacher_run = pathlib.Path(teacher_dir or out / "teacher")
@@ -256,8 +299,15 @@ def run(settings: Settings, out: str | pathlib.Path = "checkpoints/survey", *,
                                       epochs=settings.teacher_epochs)
   teacher = recipes.train_teacher(teacher_run, config, images, tcfg, progress=progress)
   stages.update(1)
-  ctx = Context(teacher, dataset, settings, out, progress)
   built: dict[str, Model] = {"teacher": teacher}
+  references = {"teacher": teacher_run}
+  cnn = None
+  if "cnn" in settings.student_teacher:
+    stages.set_postfix_str(CNN_TEACHER)
+    references[CNN_TEACHER] = pathlib.Path(cnn_teacher_dir or out / CNN_TEACHER)
+    cnn = built[CNN_TEACHER] = _cnn_teacher(settings, dataset, references[CNN_TEACHER],
+                                            progress)
+  ctx = Context(teacher, dataset, settings, out, progress, cnn)
   seconds: dict[str, float] = {}
   for m in methods:
     stages.set_postfix_str(m.name)
@@ -267,9 +317,10 @@ def run(settings: Settings, out: str | pathlib.Path = "checkpoints/survey", *,
     stages.update(1)
 
   stages.set_postfix_str("measure")
-  disk = {"teacher": export.disk_bytes(teacher_run / recipes.MODEL_DIR)}
+  disk = {name: export.disk_bytes(run_dir / recipes.MODEL_DIR)
+          for name, run_dir in references.items()}
   for name, model in built.items():
-    if name != "teacher":
+    if name not in references:
       disk[name] = export.save_model(model, out / name / recipes.MODEL_DIR, overwrite=True,
                                      metadata={"survey_method": name})
   # A quick run compiles with XLA's defaults: its figures are not meaningful,
@@ -284,6 +335,17 @@ def run(settings: Settings, out: str | pathlib.Path = "checkpoints/survey", *,
   return results
 
 
+def _cnn_teacher(settings: Settings, dataset: data_lib.Dataset, run_dir: pathlib.Path,
+                 progress: bool) -> Model:
+  """The CNN teacher of the preset, trained (or reused) in `run_dir`."""
+  name = recipes.cnn_preset(settings.preset)
+  images = recipes.recipe_images(recipes.teacher_recipe(name), dataset).take(
+      slice(0, settings.train_images))
+  tcfg = recipes.teacher_train_config(name, len(images), epochs=settings.cnn_epochs)
+  return recipes.train_teacher(run_dir, recipes.model_config(name, dataset), images, tcfg,
+                               progress=progress)
+
+
 def _results(settings: Settings, methods: list[Method], reports: dict[str, evaluate.Report],
              seconds: dict[str, float], total: float) -> dict[str, Any]:
   ref = reports["teacher"]
@@ -293,7 +355,8 @@ def _results(settings: Settings, methods: list[Method], reports: dict[str, evalu
   for name, r in reports.items():
     rows[name] = {
         "family": families.get(name, "reference"),
-        "description": descriptions.get(name, "fp32 teacher"),
+        "description": descriptions.get(name, "fp32 CNN teacher (ResNet)" if
+                                        name == CNN_TEACHER else "fp32 teacher"),
         "accuracy": r.accuracy * 100, "accuracy_drop": (ref.accuracy - r.accuracy) * 100,
         "disk_bytes": r.disk_bytes, "size_ratio": r.disk_bytes / ref.disk_bytes,
         "raw_fp32_ratio": r.disk_bytes / (4 * ref.params),

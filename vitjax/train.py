@@ -29,7 +29,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from vitjax import data as data_lib
-from vitjax import leaves, sharding
+from vitjax import leaves, sharding, streaming
 from vitjax import progress as progress_lib
 from vitjax.losses import cross_entropy
 from vitjax.model import Model, apply
@@ -383,6 +383,38 @@ def _check_meta(workdir: pathlib.Path, meta: dict[str, Any]) -> None:
   sharding.barrier("train-meta-written")
 
 
+DATA_STATE_DIR = "data_iterator"
+
+
+def _data_state_path(workdir: pathlib.Path, step: int) -> pathlib.Path:
+  return workdir / DATA_STATE_DIR / f"step-{step}-process-{jax.process_index()}.json"
+
+
+def _save_data_state(workdir: pathlib.Path, step: int, state: dict[str, Any]) -> None:
+  """Writes this process's grain iterator state after `step` (before the
+  training state of that step, so a restorable step always has it)."""
+  path = _data_state_path(workdir, step)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(state))
+  tmp.replace(path)
+
+
+def _data_state(workdir: pathlib.Path | None, step: int) -> dict[str, Any] | None:
+  """The grain iterator state saved with training step `step` (None at step 0).
+
+  Raises:
+    ValueError: a resumed step without its saved data state.
+  """
+  if step == 0:
+    return None
+  path = _data_state_path(workdir, step)
+  if not path.exists():
+    raise ValueError(f"the training state of step {step} in {workdir} has no data iterator "
+                     f"state ({path}); it was not written by a streaming run")
+  return json.loads(path.read_text())
+
+
 def _manager(workdir: pathlib.Path, cfg: TrainConfig) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=2, save_interval_steps=cfg.checkpoint_every, create=True)
@@ -392,7 +424,7 @@ def _manager(workdir: pathlib.Path, cfg: TrainConfig) -> ocp.CheckpointManager:
 # ---------------------------------------------------------------------- fit
 
 
-def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
+def fit(model: Model, split: data_lib.Split | streaming.Stream, cfg: TrainConfig, *,
         workdir: str | pathlib.Path | None = None,
         loss_fn: LossFn | None = None, aux: Any = None, extra: PyTree = None,
         post_update: PostUpdate | None = None,
@@ -404,7 +436,9 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
 
   Args:
     model: the model to train; its compressed leaves keep their constraints.
-    split: training images (uint8 or float, (N, H, W, C)) and labels.
+    split: training images (uint8 or float, (N, H, W, C)) and labels, in
+      memory, or a `streaming.Stream` read batch by batch (its grain iterator
+      state is saved with each checkpoint and restored on resume).
     cfg: optimization settings.
     workdir: where the orbax state and run metadata live; a run started again
       with the same workdir resumes from the last saved step (and returns at
@@ -433,8 +467,12 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
     raise ValueError(f"the model has activation quantizers at {len(model.sites)} sites "
                      f"(e.g. {next(iter(model.sites))}); fit() trains float or QAT "
                      "models: train first, then quantize the sites")
-  data_lib.check_compatible(split.images.shape[1:], int(split.labels.max()) + 1,
-                            model.config)
+  streamed = isinstance(split, streaming.Stream)
+  if streamed:
+    data_lib.check_compatible(split.image_shape, split.num_classes, model.config)
+  else:
+    data_lib.check_compatible(split.images.shape[1:], int(split.labels.max()) + 1,
+                              model.config)
   if cfg.patch_dropout and not isinstance(model.config, ViTConfig):
     raise ValueError(f"TrainConfig.patch_dropout={cfg.patch_dropout} drops patch tokens, "
                      f"which a {type(model.config).__name__} model does not have; use 0")
@@ -467,8 +505,9 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
     _check_meta(workdir, {"run": run_name, "model": model.config.to_dict(),
                           "train": cfg.to_dict(), "run_info": run_info or {},
                           "initial_weights": fingerprint(model.params, extra),
-                          "aux": fingerprint(aux), "data": fingerprint(split.images,
-                                                                       split.labels)})
+                          "aux": fingerprint(aux),
+                          "data": split.fingerprint() if streamed else
+                                  fingerprint(split.images, split.labels)})
     manager = _manager(workdir, cfg)
     latest = manager.latest_step()
     if latest is not None:
@@ -489,15 +528,22 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
 
   local = cfg.batch_size // jax.process_count()
   lo = jax.process_index() * local
-  batches = data_lib.train_batches(split, cfg.batch_size, cfg.seed, start)
+  if streamed:  # each process decodes only its rows; grain's state resumes
+    data_iter = split.iterator(cfg.batch_size, cfg.seed, rows=slice(lo, lo + local),
+                            steps=cfg.steps, state=_data_state(workdir, start))
+    batches = data_iter
+  else:
+    batches = (tuple(a[lo:lo + local] for a in b) for b in
+               data_lib.train_batches(split, cfg.batch_size, cfg.seed, start))
   bar = progress_lib.bar(cfg.steps, desc, enabled=progress, initial=start)
   tick, seen = time.perf_counter(), 0
   try:
     for step in range(start, cfg.steps):
-      local_batch = [a[lo:lo + local] for a in next(batches)]
-      state, metrics = step_fn(state, *sharding.global_batch(local_batch, mesh), aux)
+      state, metrics = step_fn(state, *sharding.global_batch(next(batches), mesh), aux)
       seen += cfg.batch_size
       if manager is not None:
+        if streamed and manager.should_save(step + 1):
+          _save_data_state(workdir, step + 1, data_iter.get_state())
         manager.save(step + 1, args=ocp.args.StandardSave(state))
       if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -514,6 +560,8 @@ def fit(model: Model, split: data_lib.Split, cfg: TrainConfig, *,
     if manager is not None:
       manager.wait_until_finished()
   if manager is not None and manager.latest_step() != cfg.steps:
+    if streamed:
+      _save_data_state(workdir, cfg.steps, data_iter.get_state())
     manager.save(cfg.steps, args=ocp.args.StandardSave(state), force=True)
     manager.wait_until_finished()
   if manager is not None:

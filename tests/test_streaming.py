@@ -1,0 +1,132 @@
+"""The streaming image-folder loader (grain): indexing, decoding, per-epoch
+shuffling, per-process rows, iterator-state resume, training with it, its
+statistics, and its refusals of bad folders."""
+
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import TINY, synthetic_split
+from vitjax import sharding, streaming, train
+from vitjax import model as model_lib
+from vitjax.data import DatasetError
+
+
+def write_folder(root: pathlib.Path, n: int = 48, size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+  """Writes synthetic images as PNGs in root/class_k/; returns (images, labels)
+  in the folder's sorted file order."""
+  split = synthetic_split(n)
+  order = []
+  for i, (img, label) in enumerate(zip(split.images, split.labels)):
+    d = root / f"class_{label}"
+    d.mkdir(parents=True, exist_ok=True)
+    name = f"img_{i:04d}.png"
+    Image.fromarray(img[..., 0]).resize((size, size)).save(d / name)
+    order.append((f"class_{label}/{name}", i))
+  order.sort()
+  idx = np.asarray([i for _, i in order])
+  return split.images[idx], split.labels[idx]
+
+
+def test_folder_decodes_the_written_pixels(tmp_path):
+  images, labels = write_folder(tmp_path)
+  folder = streaming.scan_folder(tmp_path)
+  assert folder.classes == ("class_0", "class_1", "class_2", "class_3")
+  assert folder.image_shape == (8, 8, 1) and len(folder) == 48
+  np.testing.assert_array_equal(folder.labels, labels)
+  for i in (0, 17, 47):
+    rec = folder[i]
+    np.testing.assert_array_equal(rec["image"], images[i])
+    assert rec["label"] == labels[i] and rec["index"] == i
+  # Statistics from the training images themselves, not another dataset's.
+  mean, std = streaming.folder_statistics(folder)
+  x = images.astype(np.float64) / 255
+  np.testing.assert_allclose(mean, [x.mean()], rtol=1e-9)
+  np.testing.assert_allclose(std, [x.std()], rtol=1e-6)
+
+
+def test_epochs_are_permutations_processes_split_rows_and_resume_is_exact(tmp_path):
+  write_folder(tmp_path)
+  stream = streaming.Stream(streaming.scan_folder(tmp_path), num_threads=2)
+  straight = [tuple(b) for b in stream.iterator(10, seed=3, steps=12)]
+  # 48 images, batches of 10: 4 per epoch, 8 images dropped per epoch.
+  for e in range(3):
+    seen = np.concatenate([b[2] for b in straight[4 * e:4 * e + 4]])
+    assert len(set(seen.tolist())) == 40
+  assert not np.array_equal(straight[0][2], straight[4][2])  # a new order each epoch
+  # Two processes read the two halves of each global batch.
+  halves = [list(stream.iterator(10, seed=3, rows=slice(lo, lo + 5), steps=12))
+            for lo in (0, 5)]
+  for s in range(12):
+    np.testing.assert_array_equal(np.concatenate([halves[0][s][2], halves[1][s][2]]),
+                                  straight[s][2])
+  # Stop after 5 batches, keep the grain state, resume: the same batches follow.
+  it = stream.iterator(10, seed=3, steps=12)
+  for _ in range(5):
+    next(it)
+  resumed = list(stream.iterator(10, seed=3, steps=12, state=it.get_state()))
+  assert len(resumed) == 7
+  for a, b in zip(resumed, straight[5:]):
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(x, y)
+
+
+class Killed(Exception):
+  pass
+
+
+def test_training_from_a_stream_resumes_bit_exactly(tmp_path):
+  write_folder(tmp_path / "data")
+  stream = streaming.Stream(streaming.scan_folder(tmp_path / "data"), num_threads=2)
+  cfg = train.TrainConfig(steps=6, batch_size=8, warmup_steps=1, checkpoint_every=2,
+                          log_every=1, crop_pad=1)
+  mesh = sharding.make_mesh(jax.devices()[:2])
+  start = model_lib.init(TINY, 0)
+  straight = train.fit(start, stream, cfg, mesh=mesh, progress=False)
+  def die(step, metrics):
+    if step == 3:
+      raise Killed()
+  with pytest.raises(Killed):
+    train.fit(start, stream, cfg, workdir=tmp_path / "run", mesh=mesh, progress=False,
+              on_step=die)
+  assert (tmp_path / "run" / "data_iterator" / "step-2-process-0.json").exists()
+  seen = []
+  resumed = train.fit(start, stream, cfg, workdir=tmp_path / "run", mesh=mesh,
+                      progress=False, on_step=lambda step, _: seen.append(step))
+  assert seen == [3, 4, 5, 6]
+  for a, b in zip(jax.tree_util.tree_leaves(straight.params),
+                  jax.tree_util.tree_leaves(resumed.params)):
+    np.testing.assert_array_equal(a, b)
+  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
+      jax.tree_util.tree_leaves(start.params), jax.tree_util.tree_leaves(straight.params)))
+  assert moved > 1e-4
+
+
+def test_bad_folders_are_named(tmp_path):
+  write_folder(tmp_path / "ok", n=16)
+  broken = tmp_path / "ok" / "class_1" / "broken.png"
+  broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+  with pytest.raises(DatasetError, match="broken.png is not a readable image"):
+    streaming.scan_folder(tmp_path / "ok")
+  folder = streaming.scan_folder(tmp_path / "ok", on_unreadable="skip")
+  assert folder.skipped == ("class_1/broken.png",) and len(folder) == 16
+  with pytest.raises(ValueError, match="on_unreadable='ignore'; choose one of"):
+    streaming.scan_folder(tmp_path / "ok", on_unreadable="ignore")
+
+  (tmp_path / "ok" / "class_9").mkdir()
+  with pytest.raises(DatasetError, match="class directory .*class_9 is empty"):
+    streaming.scan_folder(tmp_path / "ok", on_unreadable="skip")
+
+  write_folder(tmp_path / "mixed", n=16)
+  Image.fromarray(np.zeros((12, 12), np.uint8)).save(tmp_path / "mixed" / "class_0" / "z.png")
+  with pytest.raises(DatasetError, match="mixed sizes: .* is 8x8, .*z.png is 12x12"):
+    streaming.scan_folder(tmp_path / "mixed")
+  resized = streaming.scan_folder(tmp_path / "mixed", image_size=8)
+  z = resized.files.index("class_0/z.png")
+  assert resized[z]["image"].shape == (8, 8, 1)
+
+  with pytest.raises(DatasetError, match="has no class subdirectories"):
+    streaming.scan_folder(tmp_path / "mixed" / "class_0")
