@@ -16,12 +16,13 @@ compression transforms and quantization sites target ViTs only and refuse it.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vitjax.models.config import from_fields, set_pixel_statistics
 
 ARCH = "cnn"
 
@@ -74,18 +75,7 @@ class CNNConfig:
       raise ValueError(f"CNNConfig.groups={self.groups} does not divide the widths {bad}")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"CNNConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-    for name in ("pixel_mean", "pixel_std"):
-      values = getattr(self, name)
-      values = (values,) if isinstance(values, (int, float)) else tuple(values)
-      values = tuple(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
-                     else v for v in values)
-      object.__setattr__(self, name, values)
-      if len(values) not in (1, self.channels) or not all(
-          isinstance(v, float) and math.isfinite(v) for v in values):
-        raise ValueError(f"CNNConfig.{name} must be 1 or channels={self.channels} finite "
-                         f"numbers, got {values!r}")
-    if not all(v > 0 for v in self.pixel_std):
-      raise ValueError(f"CNNConfig.pixel_std must be > 0, got {self.pixel_std!r}")
+    set_pixel_statistics(self)
 
   def replace(self, **changes: Any) -> CNNConfig:
     """Returns a copy with `changes` applied (validated again)."""
@@ -100,12 +90,7 @@ class CNNConfig:
   @classmethod
   def from_dict(cls, values: dict[str, Any]) -> CNNConfig:
     """Builds a config from `to_dict` output; refuses unknown keys."""
-    values = {k: v for k, v in values.items() if k != "arch"}
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"unknown CNNConfig fields {unknown}; known: {sorted(known)}")
-    return cls(**values)
+    return from_fields(cls, {k: v for k, v in values.items() if k != "arch"})
 
 
 CNN_PRESETS: dict[str, CNNConfig] = {

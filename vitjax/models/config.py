@@ -11,6 +11,43 @@ Gelu = Literal["tanh", "erf"]
 GELUS: tuple[str, ...] = typing.get_args(Gelu)
 
 
+def set_pixel_statistics(config: Any) -> None:
+  """Normalizes a frozen config's `pixel_mean` / `pixel_std` to tuples of
+  floats in place.
+
+  Raises:
+    ValueError: not 1 or `config.channels` finite numbers, or a std <= 0
+      (naming the config class and the field).
+  """
+  kind = type(config).__name__
+  for name in ("pixel_mean", "pixel_std"):
+    values = getattr(config, name)
+    if isinstance(values, (int, float)):
+      values = (values,)
+    values = tuple(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   else v for v in values)
+    object.__setattr__(config, name, values)
+    if len(values) not in (1, config.channels) or not all(
+        isinstance(v, float) and math.isfinite(v) for v in values):
+      raise ValueError(f"{kind}.{name} must be 1 or channels={config.channels} finite "
+                       f"numbers, got {values!r}")
+  if not all(v > 0 for v in config.pixel_std):
+    raise ValueError(f"{kind}.pixel_std must be > 0, got {config.pixel_std!r}")
+
+
+def from_fields(cls: type, values: dict[str, Any]) -> Any:
+  """`cls(**values)` for a config dataclass.
+
+  Raises:
+    ValueError: keys that are not fields of `cls` (named, with the known ones).
+  """
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+  return cls(**values)
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
   """Shape of a ViT or DeiT.
@@ -97,19 +134,7 @@ class ViTConfig:
     # Lists from JSON become tuples so the config stays hashable.
     object.__setattr__(self, "block_heads", tuple(self.block_heads))
     object.__setattr__(self, "block_mlp_dims", tuple(self.block_mlp_dims))
-    for name in ("pixel_mean", "pixel_std"):
-      values = getattr(self, name)
-      if isinstance(values, (int, float)):
-        values = (values,)
-      values = tuple(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
-                     else v for v in values)
-      object.__setattr__(self, name, values)
-      if len(values) not in (1, self.channels) or not all(
-          isinstance(v, float) and math.isfinite(v) for v in values):
-        raise ValueError(f"ViTConfig.{name} must be 1 or channels={self.channels} finite "
-                         f"numbers, got {values!r}")
-    if not all(v > 0 for v in self.pixel_std):
-      raise ValueError(f"ViTConfig.pixel_std must be > 0, got {self.pixel_std!r}")
+    set_pixel_statistics(self)
     for name, full in (("block_heads", self.num_heads),
                        ("block_mlp_dims", self.mlp_dim)):
       sizes = getattr(self, name)
@@ -164,11 +189,7 @@ class ViTConfig:
   @classmethod
   def from_dict(cls, values: dict[str, Any]) -> ViTConfig:
     """Builds a config from `to_dict` output; refuses unknown keys."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"unknown ViTConfig fields {unknown}; known: {sorted(known)}")
-    return cls(**values)
+    return from_fields(cls, values)
 
 
 PRESETS: dict[str, ViTConfig] = {
