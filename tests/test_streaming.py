@@ -130,3 +130,19 @@ def test_bad_folders_are_named(tmp_path):
 
   with pytest.raises(DatasetError, match="has no class subdirectories"):
     streaming.scan_folder(tmp_path / "mixed" / "class_0")
+
+
+def test_distilling_from_a_stream_with_a_cnn_teacher(tmp_path):
+  from vitjax import distill
+  from vitjax.models.cnn import CNNConfig
+  write_folder(tmp_path)
+  stream = streaming.Stream(streaming.scan_folder(tmp_path), num_threads=2)
+  teacher = model_lib.init(CNNConfig(image_size=8, channels=1, num_classes=4, widths=(8,),
+                                     blocks=(1,), groups=4), 0)
+  student = model_lib.init(TINY.replace(distilled=True), 1)
+  cfg = train.TrainConfig(steps=2, batch_size=8, warmup_steps=0)
+  trained = distill.fit_student(teacher, student, stream, cfg, distill.DistillConfig(),
+                                mesh=sharding.make_mesh(jax.devices()[:1]), progress=False)
+  assert trained.config == student.config
+  with pytest.raises(ValueError, match="offline teacher cache covers an in-memory"):
+    distill.cached_teacher(teacher, stream, cfg, tmp_path / "c.npz", progress=False)

@@ -144,8 +144,11 @@ def test_workdir_of_another_run_is_refused(tmp_path):
 
 def test_recipes_refuse_presets_without_one():
   with pytest.raises(ValueError, match=r"preset 'ti16-student' has no teacher recipe; the "
-                                       r"presets with one are \['b16', 's16', 'tiny'\]"):
+                                       r"presets with one are \['b16', 's16', 'tiny', 'tiny-cnn'\]"):
     recipes.teacher_recipe("ti16-student")
+  with pytest.raises(ValueError, match=r"preset 's16' has no CNN teacher; the presets with "
+                                       r"one are \['tiny'\]"):
+    recipes.cnn_preset("s16")
   with pytest.raises(ValueError, match="preset 'tiny' has no distillation recipe"):
     recipes.student_recipe("tiny")
 

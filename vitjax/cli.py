@@ -404,6 +404,7 @@ def cmd_survey(args: argparse.Namespace) -> int:
       preset=args.preset)
   overrides = {k: v for k, v in (("finetune_steps", args.finetune_steps),
                                  ("student_teacher", args.student_teacher),
+                                 ("student_targets", args.student_targets),
                                  ("student_epochs", args.student_epochs),
                                  ("teacher_epochs", args.teacher_epochs)) if v is not None}
   settings = dataclasses.replace(settings, **overrides)
@@ -683,6 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="run directory of a trained CNN teacher (default <out>/cnn-teacher)")
   p.add_argument("--student-teacher", default=None, choices=list(survey.STUDENT_TEACHERS),
                  help="who teaches the student row (default: Settings.student_teacher)")
+  p.add_argument("--student-targets", default=None, choices=list(survey.TARGETS),
+                 help="hard or soft distillation targets (default: Settings.student_targets)")
   p.add_argument("--finetune-steps", type=COUNT, default=None)
   p.add_argument("--student-epochs", type=POSITIVE, default=None)
   p.add_argument("--teacher-epochs", type=POSITIVE, default=None)

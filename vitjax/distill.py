@@ -385,7 +385,16 @@ def cached_teacher(teacher: Teacher, split: data_lib.Split, train_cfg: train_lib
                    path: str | pathlib.Path, *, k: int = 10, progress: bool = True
                    ) -> TeacherCache:
   """Loads the cache at `path` if it matches this teacher, data and augmentation,
-  else computes it and writes it there."""
+  else computes it and writes it there.
+
+  Raises:
+    ValueError: `split` is not an in-memory `data.Split` (a streamed dataset
+      is distilled with the online teacher instead).
+  """
+  if not isinstance(split, data_lib.Split):
+    raise ValueError(f"an offline teacher cache covers an in-memory data.Split, got a "
+                     f"{type(split).__name__}; distill from a stream with the online "
+                     "teacher (cache=None)")
   models = members(teacher)
   key = json.dumps({"teacher": train_lib.fingerprint([m.params for m in models]),
                     "config": [m.config.to_dict() for m in models],

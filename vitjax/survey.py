@@ -33,6 +33,11 @@ from vitjax.transforms import lowrank, prune, ptq, quantize, structured
 
 StudentTeacher = Literal["cnn", "vit", "cnn+vit"]
 STUDENT_TEACHERS: tuple[str, ...] = typing.get_args(StudentTeacher)
+StudentTargets = Literal["hard", "soft"]
+TARGETS: dict[str, distill.DistillConfig] = {
+    "hard": distill.DistillConfig(ce=0.5, hard=0.5),
+    "soft": distill.DistillConfig(ce=0.5, soft=0.5, hard=0.0, temperature=4.0),
+}
 CNN_TEACHER = "cnn-teacher"
 NO_TEACHER = "student (no teacher)"
 
@@ -52,6 +57,8 @@ class Settings:
       teacher) or "cnn+vit" (their ensemble); chosen on the validation split
       by experiments/distill_cnn_teacher.py. The "student (no teacher)" row
       trains the same student the same way on labels alone.
+    student_targets: "hard" (DeiT hard distillation: ce 0.5 + hard 0.5) or
+      "soft" (ce 0.5 + soft KL 0.5 at T=4), chosen with `student_teacher`.
     cnn_epochs: the CNN teacher's epochs; None: its recipe's.
     ptq_w6a6, ptq_w4a4: the PTQ recipes (`vitjax.transforms.ptq`) of the W6A6
       and W4A4 rows: the teacher's validation winners in
@@ -69,6 +76,7 @@ class Settings:
   teacher_epochs: float | None = None
   calibration: int = 512
   student_teacher: StudentTeacher = "cnn"
+  student_targets: StudentTargets = "hard"
   cnn_epochs: float | None = None
   ptq_w6a6: str = "repqvit+gptq"
   ptq_w4a4: str = "repqvit"
@@ -81,6 +89,9 @@ class Settings:
       value = getattr(self, name)
       if value is not None and value < 1:
         raise ValueError(f"Settings.{name} must be None (all images) or >= 1, got {value}")
+    if self.student_targets not in TARGETS:
+      raise ValueError(f"Settings.student_targets={self.student_targets!r}; choose one of "
+                       f"{tuple(TARGETS)}")
     if self.student_teacher not in STUDENT_TEACHERS:
       raise ValueError(f"Settings.student_teacher={self.student_teacher!r}; choose one of "
                        f"{STUDENT_TEACHERS}")
@@ -146,7 +157,7 @@ def _student(ctx: Context, _: dict[str, Model]) -> Model:
                                  ctx.out / "student" / "teacher_cache.npz",
                                  progress=ctx.progress)
   return distill.fit_student(teacher, model_lib.init(config, 0), images, tcfg,
-                             distill.DistillConfig(ce=0.5, hard=0.5), cache=cache,
+                             TARGETS[ctx.settings.student_targets], cache=cache,
                              workdir=ctx.out / "student" / recipes.TRAIN_DIR,
                              progress=ctx.progress)
 
