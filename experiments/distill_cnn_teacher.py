@@ -95,9 +95,10 @@ def main() -> None:
   cnn_config = recipes.model_config(cnn_name, dataset)
   cnn_images = recipes.recipe_images(recipes.teacher_recipe(cnn_name), dataset)
   cnn_cfg = recipes.teacher_train_config(cnn_name, len(cnn_images), **epochs)
+  reused = (out / "cnn-teacher" / recipes.MODEL_DIR).exists()
   t = time.perf_counter()
   cnn = recipes.train_teacher(out / "cnn-teacher", cnn_config, cnn_images, cnn_cfg)
-  cnn_seconds = time.perf_counter() - t
+  cnn_seconds = None if reused else time.perf_counter() - t
   vit = export.load_model(recipes.model_dir_of(args.vit_teacher))
   teachers = {"cnn": cnn, "vit": vit}
   results["teachers"] = {
@@ -106,7 +107,8 @@ def main() -> None:
              "params": model_lib.param_count(m),
              "mflops": model_lib.flops_per_image(m) / 1e6}
       for name, m in teachers.items()}
-  results["teachers"]["cnn"]["train_seconds"] = round(cnn_seconds, 1)
+  results["teachers"]["cnn"]["train_seconds"] = cnn_seconds and round(cnn_seconds, 1)
+  results["teachers"]["cnn"]["train_steps"] = cnn_cfg.steps
   results["teachers"]["cnn"]["train_images"] = len(cnn_images)
   print(json.dumps(results["teachers"], indent=1))
 
@@ -160,8 +162,11 @@ def markdown(r: dict) -> str:
     lines.append(f"| {name} | {t['params']:,} | {t['mflops']:.1f} | {t['validation']:.2f} "
                  f"| {t['test']:.2f} |")
   cnn = r["teachers"]["cnn"]
-  lines += ["", f"CNN teacher: {cnn['train_images']} training images, "
-            f"{cnn['train_seconds'] / 60:.1f} min.", "",
+  took = (f"trained in {cnn['train_seconds'] / 60:.1f} min" if cnn["train_seconds"] else
+          "reused from an earlier run of this script (its training time is in that run's "
+          "log)")
+  lines += ["", f"CNN teacher: {cnn['train_steps']} steps on {cnn['train_images']} training "
+            f"images, {took}.", "",
             "| student recipe (seed 0, training split) | loss weights | validation % |",
             "|---|---|---:|"]
   for name, v in r["validation"].items():
