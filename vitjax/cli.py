@@ -345,7 +345,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
   if args.coordinator or args.num_processes:
     sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   out = pathlib.Path(args.out)
-  if jax.process_index() == 0:
+  if sharding.is_writer():
     start_run(out, args.overwrite, out / recipes.MODEL_DIR)
   teacher_dirs = [recipes.model_dir_of(t) for t in args.teacher]
   members = tuple(export.load_model(d) for d in teacher_dirs)
@@ -391,7 +391,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     models["student (no teacher)"] = alone
     disk["student (no teacher)"] = export.save_model(
         alone, out / "baseline" / recipes.MODEL_DIR, overwrite=args.overwrite)
-  if jax.process_index() == 0:
+  if sharding.is_writer():
     png = plots.training_curves(history, out / "curves.png",
                                 f"{args.student_preset} from {teacher_dir}")
     print(f"wrote {out / recipes.MODEL_DIR} and {png}")

@@ -416,11 +416,13 @@ def save_model(model: Model, path: str | os.PathLike, *,
   return disk_bytes(path)
 
 
-def _single_process_options() -> ocp.options.MultiprocessingOptions:
-  """Orbax options for a checkpoint this process reads or writes alone (host
-  numpy arrays): no barriers with the other processes of a multi-process run."""
+def _local_checkpointer() -> ocp.Checkpointer:
+  """An orbax checkpointer this process uses alone (host numpy arrays): no
+  barriers with the other processes of a multi-process run."""
   me = jax.process_index()
-  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  return ocp.Checkpointer(ocp.StandardCheckpointHandler(),
+                          multiprocessing_options=ocp.options.MultiprocessingOptions(
+                              primary_host=me, active_processes={me}))
 
 
 def _write_model(model: Model, path: pathlib.Path, metadata: dict[str, Any] | None) -> None:
@@ -433,9 +435,7 @@ def _write_model(model: Model, path: pathlib.Path, metadata: dict[str, Any] | No
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
   try:
-    # Only this process takes part: the buffers are host numpy arrays.
-    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(),
-                                    multiprocessing_options=_single_process_options())
+    checkpointer = _local_checkpointer()
     checkpointer.save(tmp / ARRAYS_DIR, args=ocp.args.StandardSave(buffers))
     checkpointer.close()
     write_description(tmp, meta)
@@ -603,8 +603,7 @@ def load_model(path: str | os.PathLike, expect_config: Config | None = None) -> 
   infos, digests = meta.get("arrays"), meta.get("buffers")
   ends = _check_layout(infos, digests, path)
   try:
-    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(),
-                                    multiprocessing_options=_single_process_options())
+    checkpointer = _local_checkpointer()
     stored = checkpointer.restore(path.absolute() / ARRAYS_DIR)
     checkpointer.close()
   except Exception as e:  # orbax/tensorstore raise many types for bad files

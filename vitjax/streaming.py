@@ -86,7 +86,7 @@ class ImageFolder:
     if image.shape[:2] != (self.image_size, self.image_size):
       raise DatasetError(f"image {path} is {image.shape[1]}x{image.shape[0]}, the folder's "
                          f"images {self.image_size}x{self.image_size}; pass image_size= "
-                         "(CLI: --image-size) to resize them all")
+                         "to scan_folder to resize them all")
     return {"image": image.reshape(self.image_shape), "label": self.labels[index],
             "index": np.int32(index)}
 
@@ -144,14 +144,11 @@ def scan_folder(root: str | os.PathLike, *, image_size: int | None = None,
                          "least one image (remove the directory or add images)")
     kept = 0
     for path in entries:
-      problem = _unreadable(path)
-      if problem is None:
-        with Image.open(path) as im:
-          size, mode = im.size, im.mode
+      problem, size, mode = _inspect(path)
       if problem is not None:
         if on_unreadable == "error":
           raise DatasetError(f"{path} is not a readable image ({problem}); remove it or "
-                             "pass on_unreadable='skip' (CLI: --skip-unreadable)")
+                             "pass on_unreadable='skip'")
         skipped.append(str(path.relative_to(root)))
         continue
       rel = str(path.relative_to(root))
@@ -168,12 +165,12 @@ def scan_folder(root: str | os.PathLike, *, image_size: int | None = None,
     if len(sizes) > 1:
       (a, fa), (b, fb) = list(sizes.items())[:2]
       raise DatasetError(f"the images of {root} have mixed sizes: {fa} is {a[0]}x{a[1]}, "
-                         f"{fb} is {b[0]}x{b[1]}; pass image_size= (CLI: --image-size) "
+                         f"{fb} is {b[0]}x{b[1]}; pass image_size= "
                          "to resize them all")
     (w, h), first = next(iter(sizes.items()))
     if w != h:
       raise DatasetError(f"the images of {root} are {w}x{h} ({first}), not square; pass "
-                         "image_size= (CLI: --image-size) to resize them")
+                         "image_size= to resize them")
     image_size, resize = w, False
   else:
     resize = True
@@ -181,16 +178,18 @@ def scan_folder(root: str | os.PathLike, *, image_size: int | None = None,
                      image_size, channels, resize, tuple(skipped))
 
 
-def _unreadable(path: pathlib.Path) -> str | None:
-  """Why `path` is not a readable image, or None."""
+def _inspect(path: pathlib.Path) -> tuple[str | None, tuple[int, int], str]:
+  """(why `path` is not a readable image or None, its size, its mode), from
+  one open: the header, then PIL's integrity check (no decoding)."""
   if path.suffix.lower() not in IMAGE_SUFFIXES:
-    return f"not a {'/'.join(IMAGE_SUFFIXES)} file"
+    return f"not a {'/'.join(IMAGE_SUFFIXES)} file", (0, 0), ""
   try:
     with Image.open(path) as im:
+      size, mode = im.size, im.mode
       im.verify()
   except Exception as e:  # PIL raises many types for broken files
-    return f"{type(e).__name__}: {e}"
-  return None
+    return f"{type(e).__name__}: {e}", (0, 0), ""
+  return None, size, mode
 
 
 def folder_statistics(source: ImageFolder, *, max_images: int | None = None
