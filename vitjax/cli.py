@@ -23,6 +23,8 @@ from vitjax.models.arch import ARCHS
 from vitjax.models.config import GELUS, PRESETS
 from vitjax.quantizers import uniform
 from vitjax.transforms import lowrank, prune, ptq, quantize, structured
+from vitjax.tune import policy as policy_lib
+from vitjax.tune import search, space, tuner
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -428,6 +430,70 @@ def cmd_survey(args: argparse.Namespace) -> int:
   return 0
 
 
+TUNE_ENTRIES = {"history.jsonl", "sensitivity.json", "sensitivity.png", "allocation.json",
+                "best_policy.json", "policy.json", "front.json", "front.png", "latency.jsonl",
+                recipes.MODEL_DIR}
+
+
+def _duration(text: str) -> float:
+  """An argparse type: seconds from '90', '90s', '10m' or '1.5h' (> 0)."""
+  units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+  number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+  try:
+    seconds = float(number) * units[unit]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 10m or 1h")
+  if not seconds > 0:
+    raise argparse.ArgumentTypeError(f"{text!r} must be a positive duration")
+  return seconds
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+  budget = tuner.Budget(max_drop=args.max_drop, max_bytes_ratio=args.max_bytes_ratio,
+                        max_latency_ratio=args.max_latency_ratio, prefer=args.prefer)
+  config = tuner.TuneConfig(
+      menu=tuple(args.menu) if args.menu else space.DEFAULT_MENU, keeps=tuple(args.keeps),
+      a_bits=args.a_bits,
+      eval_images=args.eval_images, sensitivity_images=args.sensitivity_images,
+      calibration=args.calib, time_budget_s=args.time_budget,
+      search=search.SearchConfig(population=min(args.population, args.evals),
+                                 evaluations=args.evals, seed=args.seed))
+  model_dir, model, dataset = _load_source(args)
+  out = pathlib.Path(args.out or f"{model_dir.parent}-tuned")
+  if args.overwrite and out.is_dir():
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in TUNE_ENTRIES)
+    if foreign:
+      raise export.CheckpointError(f"--overwrite would delete {out}, which holds "
+                                   f"{foreign[:5]} besides a tuning run; choose another --out")
+    shutil.rmtree(out)
+  result = tuner.tune(model, dataset, budget, out, config)
+  print(f"wrote {out}/policy.json, {out}/model, front.json/png, sensitivity.json/png, "
+        "history.jsonl")
+  _compare_and_print({"fp32": model, "tuned": result.model}, dataset,
+                     {"fp32": export.disk_bytes(model_dir),
+                      "tuned": result.disk_bytes}, "fp32")
+  return 0 if result.feasible else 1
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+  chosen = policy_lib.load(args.policy)
+  model_dir, model, dataset = _load_source(args)
+  out = pathlib.Path(args.out or f"{model_dir.parent}-{pathlib.Path(args.policy).stem}")
+  export.check_output_path(out, args.overwrite)
+  if not 1 <= args.calib <= len(dataset.calibration):
+    raise ValueError(f"--calib {args.calib} is outside 1..{len(dataset.calibration)} "
+                     "(the calibration split's size)")
+  compressed = policy_lib.apply_policy(chosen, model,
+                                       dataset.calibration.take(slice(0, args.calib)))
+  disk = export.save_model(compressed, out, overwrite=args.overwrite,
+                           metadata={"policy": policy_lib.to_dict(chosen),
+                                     "source": str(model_dir)})
+  print(f"wrote {out}")
+  _compare_and_print({"fp32": model, "policy": compressed}, dataset,
+                     {"fp32": export.disk_bytes(model_dir), "policy": disk}, "fp32")
+  return 0
+
+
 def _floats(text: str) -> tuple[float, ...]:
   try:
     return tuple(float(v) for v in text.split(","))
@@ -673,6 +739,52 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--process-id", type=COUNT, default=None)
   _add_data_args(p)
   p.set_defaults(func=cmd_distill)
+
+  p = sub.add_parser("tune", help="search the best compression policy under a size / "
+                     "accuracy / latency budget (auto-tuner)")
+  p.add_argument("checkpoint", help="a run directory or its model/ directory (uncompressed)")
+  p.add_argument("--max-drop", type=WEIGHT, default=None,
+                 help="validation accuracy drop allowed, in points")
+  p.add_argument("--max-bytes-ratio", type=POSITIVE, default=None,
+                 help="stored bytes allowed, as a fraction of the fp32 model's")
+  p.add_argument("--max-latency-ratio", type=POSITIVE, default=None,
+                 help="batch-1 latency allowed, as a fraction of the fp32 model's (measured)")
+  p.add_argument("--prefer", default=None, choices=["smallest", "most-accurate"],
+                 help="which policy meeting the budget wins (default: smallest with "
+                      "--max-drop, else most-accurate)")
+  p.add_argument("--time-budget", type=_duration, default=None,
+                 help="stop the search after this long, e.g. 10m (the front so far is used)")
+  p.add_argument("--evals", type=POSITIVE_INT, default=96,
+                 help="policies the search evaluates (a resumed run counts earlier ones)")
+  p.add_argument("--population", type=_number(int, 4), default=16)
+  p.add_argument("--seed", type=COUNT, default=0)
+  p.add_argument("--menu", nargs="+", default=None,
+                 help="per-layer settings to search, e.g. fp32 w8 w4 2:4+w8 50%%+w4 r0.5+w8 "
+                      "(default: vitjax.tune.space.DEFAULT_MENU)")
+  p.add_argument("--keeps", nargs="*", type=FRACTION_OPEN, default=[0.75, 0.5],
+                 help="structured keep ratios per block for heads and neurons (none: off)")
+  p.add_argument("--a-bits", type=BITS, default=None,
+                 help="static activation bits at every layer input (default: float)")
+  p.add_argument("--eval-images", type=POSITIVE_INT, default=5000,
+                 help="validation images every policy is scored on")
+  p.add_argument("--sensitivity-images", type=POSITIVE_INT, default=1000)
+  p.add_argument("--calib", type=POSITIVE_INT, default=256,
+                 help="training images for activation ranges and Hessian traces")
+  p.add_argument("--out", default=None, help="default: <run dir>-tuned (resumed if present)")
+  p.add_argument("--overwrite", action="store_true", help="start the search over")
+  _add_data_args(p)
+  p.set_defaults(func=cmd_tune)
+
+  p = sub.add_parser("compress", help="apply a compression policy file (from vitjax tune, "
+                     "or written by hand) to a saved model and compare")
+  p.add_argument("checkpoint", help="a run directory or its model/ directory (uncompressed)")
+  p.add_argument("--policy", required=True, help="a policy JSON file (vitjax.tune.policy)")
+  p.add_argument("--calib", type=POSITIVE_INT, default=256,
+                 help="training images for activation ranges")
+  p.add_argument("--out", default=None, help="default: <run dir>-<policy file stem>")
+  p.add_argument("--overwrite", action="store_true")
+  _add_data_args(p)
+  p.set_defaults(func=cmd_compress)
 
   p = sub.add_parser("survey", help="the main job: every method and combination compared")
   p.add_argument("--preset", default="tiny", choices=sorted(recipes.TEACHER_RECIPES))

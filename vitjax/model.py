@@ -247,7 +247,7 @@ def param_count(model: Model) -> int:
           int(np.size(a)) for a in jax.tree_util.tree_leaves(model.sites))
 
 
-def _leaf_bits(leaf: Any) -> int:
+def leaf_bits(leaf: Any) -> int:
   """Bits of one tree entry as a checkpoint stores it: a leaf type naming a
   keep-mask (`STORE_KEPT_BY`) stores its mask-shaped arrays as kept values."""
   mask_field = getattr(type(leaf), "STORE_KEPT_BY", None)
@@ -265,7 +265,7 @@ def _leaf_bits(leaf: Any) -> int:
 def stored_bytes(model: Model) -> int:
   """Bytes of the parameter and site-quantizer arrays as a vitjax checkpoint
   stores them (masked weights as their kept values plus the mask's bits)."""
-  bits = sum(_leaf_bits(leaf) for leaf in jax.tree_util.tree_leaves(
+  bits = sum(leaf_bits(leaf) for leaf in jax.tree_util.tree_leaves(
       (model.params, model.sites), is_leaf=lambda x: hasattr(type(x), "STORE_KEPT_BY")))
   return math.ceil(bits / 8)
 

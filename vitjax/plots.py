@@ -1,4 +1,5 @@
-"""PNG plots: training curves, and the size/speed vs accuracy Pareto plot."""
+"""PNG plots: training curves, the size/speed vs accuracy Pareto plot, and the
+auto-tuner's sensitivity heat map and search front."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pathlib
 from typing import Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.ticker  # noqa: E402
@@ -111,3 +113,56 @@ def pareto(rows: dict[str, dict[str, float]], path: str | pathlib.Path,
                 arrowprops=dict(arrowstyle="-", color="0.5", lw=0.6))
   axes[0].legend(fontsize=8, loc="lower right")
   return _save(fig, title + "\n(circled and labelled: the Pareto front of each panel)", path)
+
+
+def heatmap(values: np.ndarray, rows: Sequence[str], columns: Sequence[str],
+            path: str | pathlib.Path, title: str, label: str) -> pathlib.Path:
+  """A rows x columns heat map of `values` (NaN cells blank), each cell
+  annotated with its value."""
+  values = np.asarray(values, np.float64)
+  fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(columns), 1.2 + 0.26 * len(rows)))
+  shown = np.ma.masked_invalid(values)
+  image = ax.imshow(shown, aspect="auto", cmap="magma_r",
+                    vmin=min(0.0, float(np.nanmin(values)) if np.isfinite(values).any() else 0),
+                    vmax=max(float(np.nanmax(values)) if np.isfinite(values).any() else 1, 1e-9))
+  ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
+  ax.set_yticks(range(len(rows)), rows, fontsize=7)
+  for (i, j), v in np.ndenumerate(values):
+    if np.isfinite(v):
+      ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6,
+              color="white" if v > 0.6 * np.nanmax(values) else "black")
+  fig.colorbar(image, ax=ax, label=label)
+  return _save(fig, title, path)
+
+
+def tuning_front(points: Sequence[tuple[float, float]], front: Sequence[int],
+                 chosen: int | None, path: str | pathlib.Path, title: str, *,
+                 max_drop: float | None = None, max_ratio: float | None = None,
+                 references: dict[str, tuple[float, float]] | None = None
+                 ) -> pathlib.Path:
+  """Every evaluated policy as (size ratio, accuracy drop), the Pareto front
+  as a line, the chosen policy starred, the constraints as dashed lines, and
+  optional labelled reference points."""
+  fig, ax = plt.subplots(figsize=(7.5, 5))
+  xs, ys = [p[0] for p in points], [p[1] for p in points]
+  ax.scatter(xs, ys, s=12, color="0.65", label="evaluated policies", zorder=2)
+  order = sorted(front, key=lambda i: xs[i])
+  ax.plot([xs[i] for i in order], [ys[i] for i in order], "o-", color="tab:blue", ms=4,
+          label="Pareto front", zorder=3)
+  if chosen is not None:
+    ax.scatter([xs[chosen]], [ys[chosen]], marker="*", s=260, color="tab:red", zorder=5,
+               label="chosen")
+  for name, (x, y) in (references or {}).items():
+    ax.scatter([x], [y], marker="s", s=30, color="black", zorder=4)
+    ax.annotate(name, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+  if max_drop is not None:
+    ax.axhline(max_drop, color="tab:red", ls="--", lw=0.8, label=f"max drop {max_drop:g} pt")
+  if max_ratio is not None:
+    ax.axvline(max_ratio, color="tab:green", ls="--", lw=0.8,
+               label=f"max size {max_ratio:g}x")
+  ax.set_xscale("log")
+  ax.set_xlabel("stored bytes / fp32 model (log)")
+  ax.set_ylabel("validation accuracy drop (pt)")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=8)
+  return _save(fig, title, path)

@@ -130,7 +130,7 @@ def taylor_scores(model: Model, calibration: Split, batch_size: int = 128
   return heads, neurons
 
 
-def _top(scores: np.ndarray, k: int) -> np.ndarray:
+def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
   """Indices of the k highest scores, in their original order."""
   return np.sort(np.argsort(-scores, kind="stable")[:k])
 
@@ -204,8 +204,8 @@ def heads_and_neurons(*, head_keep: float | Sequence[int] = 1.0,
       h_scores, n_scores = taylor_scores(model, calibration, batch_size)
     else:
       h_scores, n_scores = norm_scores(model, score)
-    return slice_model(model, [_top(s, k) for s, k in zip(h_scores, h_counts)],
-                       [_top(s, k) for s, k in zip(n_scores, n_counts)])
+    return slice_model(model, [top_indices(s, k) for s, k in zip(h_scores, h_counts)],
+                       [top_indices(s, k) for s, k in zip(n_scores, n_counts)])
 
   return transform
 
