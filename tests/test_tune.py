@@ -224,7 +224,7 @@ def _toy(genome):
 
 def test_nsga2_is_deterministic_and_finds_the_true_front():
   choices = [[0, 1, 2]] * 6
-  config = search.SearchConfig(population=12, evaluations=300, seed=4)
+  config = search.SearchConfig(population=12, evaluations=300, seed=0)
   a = search.nsga2(choices, _toy, config)
   b = search.nsga2(choices, _toy, config)
   assert list(a) == list(b)

@@ -67,7 +67,7 @@ def pareto_front(points: Sequence[tuple[float, float]], lower_x_better: bool = T
 
 FAMILY_COLORS = {"reference": "black", "quantization": "tab:blue", "low-rank": "tab:green",
                  "pruning": "tab:orange", "distillation": "tab:purple",
-                 "combination": "tab:red"}
+                 "combination": "tab:red", "auto-tuner": "tab:brown"}
 
 
 def pareto(rows: dict[str, dict[str, float]], path: str | pathlib.Path,

@@ -24,11 +24,12 @@ from typing import Any, Callable, Literal
 import jax
 
 from vitjax import data as data_lib
-from vitjax import distill, evaluate, export, plots, recipes, train, xla_cpu
+from vitjax import distill, evaluate, export, plots, recipes, train, tune, xla_cpu
 from vitjax import model as model_lib
 from vitjax import progress as progress_lib
 from vitjax.model import Model
 from vitjax.transforms import lowrank, prune, ptq, quantize, structured
+from vitjax.tune import search
 
 
 StudentTeacher = Literal["cnn", "vit", "cnn+vit"]
@@ -67,6 +68,9 @@ class Settings:
     ptq_w6a6, ptq_w4a4: the PTQ recipes (`vitjax.transforms.ptq`) of the W6A6
       and W4A4 rows: the teacher's validation winners in
       experiments/ptq_table.py (2026-11-25).
+    tune_seconds: the "tuned" row's search time budget (its sensitivity
+      table, allocation and final build come on top).
+    tune_evaluations: policies the "tuned" row's search evaluates at most.
     train_images: train everything on the first this many training images
       (None: all of them).
     test_images: measure on the first this many test images (None: all).
@@ -84,6 +88,8 @@ class Settings:
   cnn_epochs: float | None = None
   ptq_w6a6: str = "repqvit+gptq"
   ptq_w4a4: str = "repqvit"
+  tune_seconds: float = 120.0
+  tune_evaluations: int = 48
   train_images: int | None = None
   test_images: int | None = None
   quick: bool = False
@@ -103,8 +109,8 @@ class Settings:
   @classmethod
   def quick_mode(cls, preset_name: str = "tiny") -> Settings:
     return cls(preset=preset_name, finetune_steps=4, student_epochs=0.5,
-               teacher_epochs=1.0, cnn_epochs=0.5, calibration=64, train_images=2048, test_images=500,
-               quick=True)
+               teacher_epochs=1.0, cnn_epochs=0.5, calibration=64, tune_seconds=10.0,
+               tune_evaluations=8, train_images=2048, test_images=500, quick=True)
 
 
 @dataclasses.dataclass
@@ -203,6 +209,25 @@ def _structured(ctx: Context, src: dict[str, Model], name: str, source: str,
   return ctx.finetune(small, name, learning_rate=5e-4)
 
 
+# The "tuned" row's search: a menu of the settings that pay on disk here
+# (experiments/tune_tiny.py searches the full default menu).
+TUNED_MENU = ("fp32", "w8", "w4", "2:4+w8", "50%+w4", "75%+w4")
+
+
+def _tuned(ctx: Context, src: dict[str, Model]) -> Model:
+  quick = ctx.settings.quick
+  config = tune.TuneConfig(
+      menu=TUNED_MENU, keeps=(0.5,), sensitivity_a_bits=(),
+      eval_images=200 if quick else 2000, sensitivity_images=100 if quick else 500,
+      calibration=min(ctx.settings.calibration, 256), hessian_probes=2 if quick else 8,
+      time_budget_s=ctx.settings.tune_seconds,
+      search=search.SearchConfig(population=4 if quick else 12,
+                                 evaluations=ctx.settings.tune_evaluations))
+  return tune.tune(src["teacher"], ctx.dataset, tune.Budget(max_drop=1.0),
+                   ctx.out / "tuned" / "search", config, replace_other=True,
+                   progress=ctx.progress).model
+
+
 METHODS: list[Method] = [
     Method("dynamic-int8", "quantization",
            lambda ctx, src: quantize.dynamic_int8()(src["teacher"]), ("teacher",),
@@ -257,6 +282,10 @@ METHODS: list[Method] = [
     Method("lowrank-50%+int8", "combination",
            lambda ctx, src: _static_int8(ctx, src["lowrank-50%"]), ("lowrank-50%",),
            "low-rank factors, then static W8A8 PTQ (int8 input to the first factor)"),
+    Method("tuned", "auto-tuner", _tuned, ("teacher",),
+           "vitjax tune: per-layer int8/int4/sparse+int4 and block keep ratios, "
+           "smallest bytes within 1 pt validation drop (ILP-seeded NSGA-II, "
+           "Settings.tune_seconds)"),
     Method("student+structured+int4", "combination",
            lambda ctx, src: quantize.weight_only(4)(
                _structured(ctx, src, "student+structured", "student", 0.5, 0.5)),

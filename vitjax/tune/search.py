@@ -5,7 +5,8 @@ options gene g may take. `nsga2` minimizes a vector of objectives: a
 population seeded by the caller (e.g. integer-program solutions), binary
 tournaments on (front rank, crowding distance), uniform crossover, per-gene
 mutation, and elitist survival by non-dominated sorting (Deb et al. 2002).
-It draws every random number from one `numpy` generator seeded by `seed`,
+Every seed genome is evaluated first. It draws every random number from one
+`numpy` generator seeded by `seed`,
 and objectives are deterministic, so the same seed gives the same sequence
 of genomes and the same front; a stop by time ends that sequence early.
 
@@ -155,13 +156,16 @@ def nsga2(choices: Sequence[Sequence[int]], evaluate: Callable[[Genome], Sequenc
 
   try:
     population: list[Genome] = []
-    for genome in list(dict.fromkeys(tuple(s) for s in seeds))[:config.population]:
+    for genome in dict.fromkeys(tuple(s) for s in seeds):
+      if len(seen) >= config.evaluations:
+        break
       run(genome)
       population.append(genome)
     while len(population) < config.population and len(seen) < config.evaluations:
       genome = random_genome()
       if run(genome):
         population.append(genome)
+    population = _survivors(population, seen, config.population)
     while len(seen) < config.evaluations and stalls < 50:
       objectives = [seen[g] for g in population]
       rank, distance = {}, {}
@@ -193,20 +197,26 @@ def nsga2(choices: Sequence[Sequence[int]], evaluate: Callable[[Genome], Sequenc
         elif attempts > 20 * config.population:
           break
       stalls = stalls + 1 if not children else 0
-      pool = population + children
-      pool_objectives = [seen[g] for g in pool]
-      survivors: list[int] = []
-      for front in non_dominated_sort(pool_objectives):
-        if len(survivors) + len(front) <= config.population:
-          survivors += front
-        else:
-          d = crowding(pool_objectives, front)
-          survivors += sorted(front, key=lambda i: (-d[i], i))[:config.population - len(survivors)]
-          break
-      population = [pool[i] for i in survivors]
+      population = _survivors(population + children, seen, config.population)
   except OutOfTime:
     pass
   return seen
+
+
+def _survivors(pool: list[Genome], seen: dict[Genome, tuple[float, ...]], n: int
+               ) -> list[Genome]:
+  """NSGA-II's elitist selection of n genomes: whole fronts in rank order,
+  the last one cut by crowding distance."""
+  objectives = [seen[g] for g in pool]
+  chosen: list[int] = []
+  for front in non_dominated_sort(objectives):
+    if len(chosen) + len(front) <= n:
+      chosen += front
+    else:
+      d = crowding(objectives, front)
+      chosen += sorted(front, key=lambda i: (-d[i], i))[:n - len(chosen)]
+      break
+  return [pool[i] for i in chosen]
 
 
 class History:
@@ -216,14 +226,16 @@ class History:
   flushes one, so a killed run loses at most the evaluation in progress.
   """
 
-  def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any]):
+  def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any], *,
+               replace_other: bool = False):
     """Opens (or starts) the history at `path` for a search described by
     `fingerprint` (what makes its evaluations comparable: model digest,
-    data, menu...).
+    data, menu...); with `replace_other`, a history of another search there
+    is started over instead of refused.
 
     Raises:
-      ValueError: the file belongs to a search with another fingerprint, or
-        a line is not valid JSON.
+      ValueError: the file belongs to a search with another fingerprint (and
+        not `replace_other`), or a line is not valid JSON.
     """
     self.path = pathlib.Path(path)
     self.entries: dict[Genome, dict[str, Any]] = {}
@@ -237,6 +249,8 @@ class History:
             break
           raise ValueError(f"history {self.path} line {n + 1} is not JSON: {e}") from e
         if n == 0:
+          if entry.get("fingerprint") != fingerprint and replace_other:
+            break
           if entry.get("fingerprint") != fingerprint:
             raise ValueError(f"history {self.path} belongs to another search (its "
                              f"fingerprint {entry.get('fingerprint')} differs from "

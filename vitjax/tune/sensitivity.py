@@ -69,10 +69,13 @@ class Table:
             "accuracy": clean(self.accuracy), "agreement": clean(self.agreement),
             "bytes": clean(self.bytes)}
 
-
-def block_of(place: str) -> int:
-  """The block index of a `Transformer/encoderblock_<i>/...` place."""
-  return int(place.split("encoderblock_")[1].split("/")[0])
+  @classmethod
+  def from_dict(cls, doc: dict[str, Any]) -> Table:
+    """The table `to_dict` wrote."""
+    table = lambda key: np.array([[np.nan if v is None else v for v in row]  # noqa: E731
+                                  for row in doc[key]], np.float64)
+    return cls(tuple(doc["places"]), tuple(doc["settings"]), table("accuracy"),
+               table("agreement"), float(doc["reference_accuracy"]), table("bytes"))
 
 
 def measure(emulator: Emulator, menu: Sequence[str] = space.DEFAULT_MENU, *,

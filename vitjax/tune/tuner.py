@@ -117,7 +117,8 @@ class TuneConfig:
     search: NSGA-II settings (population, evaluations, seed).
     time_budget_s: stop the search after this long (None: run all its
       evaluations; at least one policy is evaluated); the front so far is used.
-    ilp_budgets: byte budgets whose integer-program solutions seed the search.
+    ilp_budgets: byte budgets whose integer-program solutions seed the search
+      (with every uniform setting of the menu).
     candidates: at most this many front policies are built for real before
       the tuner settles for the closest one.
   """
@@ -132,7 +133,7 @@ class TuneConfig:
   hessian_probes: int = 8
   search: search.SearchConfig = search.SearchConfig()
   time_budget_s: float | None = None
-  ilp_budgets: int = 6
+  ilp_budgets: int = 8
   candidates: int = 6
 
   def __post_init__(self) -> None:
@@ -232,12 +233,16 @@ def _layer_tables(table: sensitivity.Table, emulator: Emulator, tspace: Space
 
 def tune(model: Model, dataset: data_lib.Dataset, budget: Budget,
          out: str | pathlib.Path, config: TuneConfig = TuneConfig(), *,
-         progress: bool = True) -> Result:
+         replace_other: bool = False, progress: bool = True) -> Result:
   """Searches, chooses, builds and saves the policy (see the module docstring).
+
+  A history in `out` of the same search (model, data, settings) is resumed;
+  one of another search is refused, or with `replace_other` started over.
 
   Raises:
     ValueError: a compressed model or a CNN, a dataset without validation
-      images, what `Emulator`, `Budget` and `TuneConfig` refuse.
+      images, another search's history in `out`, what `Emulator`, `Budget`
+      and `TuneConfig` refuse.
   """
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
@@ -255,30 +260,24 @@ def tune(model: Model, dataset: data_lib.Dataset, budget: Budget,
   fp32_bytes = emulator.stored_bytes(Plan({}))
   tspace = Space(emulator, config)
 
-  probe = emulator if config.sensitivity_images >= len(validation) else emulator.on(
-      validation.take(slice(0, config.sensitivity_images)))
-  table = sensitivity.measure(probe, config.menu, a_bits=config.sensitivity_a_bits,
-                              keeps=config.keeps, progress=progress)
-  report = _sensitivity_report(model, table, emulator, calibration, config)
-  (out / "sensitivity.json").write_text(json.dumps(
-      {"validation_images": len(probe.evaluation), **report}, indent=1))
-  short = [p.replace("Transformer/encoderblock_", "b").replace(
-      "MultiHeadDotProductAttention_1/", "attn/").replace("MlpBlock_3/", "mlp/")
-      for p in table.places]
-  plots.heatmap(table.drop, short, table.settings, out / "sensitivity.png",
-                "accuracy drop (pt, validation) when only one place is compressed",
-                "drop (pt)")
+  fingerprint = {"model": model_digest(model), "eval_images": len(validation),
+                 "sensitivity_images": config.sensitivity_images,
+                 "calibration": len(calibration), "menu": list(config.menu),
+                 "keeps": list(config.keeps), "a_bits": config.a_bits,
+                 "sensitivity_a_bits": list(config.sensitivity_a_bits),
+                 "hessian_probes": config.hessian_probes}
+  table = _sensitivity(model, emulator, validation, calibration, config, fingerprint, out,
+                       progress)
+  # A run with more evaluations replays a shorter one's genomes first, so the
+  # history of either serves the other.
+  fingerprint["search"] = {k: v for k, v in dataclasses.asdict(config.search).items()
+                           if k != "evaluations"}
 
   costs, sizes = _layer_tables(table, emulator, tspace)
   seeds, allocation = _ilp_seeds(costs, sizes, fp32_bytes, budget, config, tspace)
   (out / "allocation.json").write_text(json.dumps(allocation, indent=1))
 
-  fingerprint = {"model": model_digest(model), "eval_images": len(validation),
-                 "sensitivity_images": config.sensitivity_images,
-                 "calibration": len(calibration), "menu": list(config.menu),
-                 "keeps": list(config.keeps), "a_bits": config.a_bits,
-                 "search": dataclasses.asdict(config.search)}
-  history = search.History(out / "history.jsonl", fingerprint)
+  history = search.History(out / "history.jsonl", fingerprint, replace_other=replace_other)
   if history.resumed:
     say(f"tune: resuming, {history.resumed} evaluations read from {history.path}")
   reference = emulator.reference_accuracy
@@ -316,6 +315,7 @@ def tune(model: Model, dataset: data_lib.Dataset, budget: Budget,
   chosen, real_model, feasible = _choose(model, entries, front, budget, tspace, emulator,
                                          calibration, validation, config, out, say)
   plan = tspace.plan(tuple(chosen["genome"]))
+  chosen["policy"] = _describe(plan)
   about = {"reference_accuracy": reference, "validation_images": len(validation),
            "evaluations": len(entries), "feasible": feasible,
            "budget": dataclasses.asdict(budget),
@@ -345,6 +345,36 @@ def tune(model: Model, dataset: data_lib.Dataset, budget: Budget,
       f"{chosen.get('real_drop', chosen['drop']):.2f} pt at {chosen['bytes_ratio']:.3f}x bytes"
       f"{'' if feasible else ' (NO policy met the budget; this is the closest)'}")
   return Result(real_model, chosen_policy, chosen, front_doc, feasible, len(entries), disk)
+
+
+def _sensitivity(model: Model, emulator: Emulator, validation: data_lib.Split,
+                 calibration: data_lib.Split, config: TuneConfig,
+                 fingerprint: dict[str, Any], out: pathlib.Path, progress: bool
+                 ) -> sensitivity.Table:
+  """The sensitivity table, read back from sensitivity.json when an earlier
+  run of the same search wrote it, else measured and written with its heat
+  map."""
+  path = out / "sensitivity.json"
+  if path.exists():
+    doc = json.loads(path.read_text())
+    if doc.get("fingerprint") == fingerprint:
+      return sensitivity.Table.from_dict(doc)
+  probe = emulator if config.sensitivity_images >= len(validation) else emulator.on(
+      validation.take(slice(0, config.sensitivity_images)))
+  table = sensitivity.measure(probe, config.menu, a_bits=config.sensitivity_a_bits,
+                              keeps=config.keeps, progress=progress)
+  report = _sensitivity_report(model, table, emulator, calibration, config)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps({"fingerprint": fingerprint,
+                             "validation_images": len(probe.evaluation), **report}, indent=1))
+  tmp.replace(path)
+  short = [p.replace("Transformer/encoderblock_", "b").replace(
+      "MultiHeadDotProductAttention_1/", "attn/").replace("MlpBlock_3/", "mlp/")
+      for p in table.places]
+  plots.heatmap(table.drop, short, table.settings, out / "sensitivity.png",
+                "accuracy drop (pt, validation) when only one place is compressed",
+                "drop (pt)")
+  return table
 
 
 def _describe(plan: Plan) -> dict[str, Any]:
@@ -414,10 +444,13 @@ def _ilp_seeds(costs: np.ndarray, sizes: np.ndarray, fp32_bytes: int, budget: Bu
                  "greedy_bytes": fp32_bytes + allocate.total(sizes, rough)})
     for choice in (exact, rough):
       seeds.append(tspace.genome([int(c) for c in choice]))
-  for name in ("w8", "w4"):
-    if name in config.menu:
-      j = config.menu.index(name)
-      seeds.append(tspace.genome([j if j in ch else 0 for ch in tspace.choices[:len(costs)]]))
+  # Every uniform setting of the menu (a layer it does not fit keeps the
+  # setting's weight bits alone, else fp32), so the search starts from each.
+  for j, setting in enumerate(tspace.menu):
+    bits_only = LayerSetting(w_bits=setting.w_bits)
+    fallback = tspace.menu.index(bits_only) if bits_only in tspace.menu else 0
+    seeds.append(tspace.genome([j if j in ch else (fallback if fallback in ch else 0)
+                                for ch in tspace.choices[:len(costs)]]))
   note = ("cost: summed single-layer disagreement with the fp32 model (%), the additive "
           "sensitivity model both solvers minimize; the ILP's is never above greedy's")
   return list(dict.fromkeys(seeds)), {"note": note, "budgets": rows}
