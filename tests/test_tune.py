@@ -389,3 +389,16 @@ def test_tune_cli(model, dataset, tmp_path):
   assert (tmp_path / "tuned" / "policy.json").exists()
   assert export.load_model(tmp_path / "tuned" / "model")
   assert cli.main(args[:2] + ["--evals", "6"]) == 2  # no budget given
+
+
+def test_latency_budget_seeds_the_search_from_measured_layer_times(model, dataset, tmp_path):
+  layers = linear_layers(model.params)
+  times = sensitivity.layer_latency(model, layers, ("fp32", "w8", "2:4+w8"), rounds=2,
+                                    calls=3)
+  assert times.shape == (len(layers), 3) and (times[np.isfinite(times)] > 0).all()
+  result = tuner.tune(model, dataset, tuner.Budget(max_drop=50.0, max_latency_ratio=100.0),
+                      tmp_path / "lat", SMALL, progress=False)
+  allocation = json.loads((tmp_path / "lat" / "allocation.json").read_text())
+  assert allocation["latency"]["ilp_layer_time_ratio"] <= 100.0
+  assert "latency_ratio" in result.chosen and result.chosen["latency_ratio"] <= 100.0
+  assert (tmp_path / "lat" / "latency.jsonl").exists()

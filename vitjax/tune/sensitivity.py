@@ -10,6 +10,8 @@ of the training loss (Hutchinson: E[v^T H v] over Rademacher v, H v by
 forward-over-reverse differentiation, as HAWQ does); `proxy` turns it into
 HAWQ-V2's score tr(H)/n * ||W_hat - W||^2, and `rank_agreement` says how
 well that cheap score ranks the places against the measured drops.
+`layer_latency` times each layer's matmul under each setting, for a
+latency-budgeted allocation.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import numpy as np
 import scipy.stats
 
 from vitjax import data as data_lib
-from vitjax import losses
+from vitjax import evaluate, leaves, losses
 from vitjax import model as model_lib
 from vitjax import progress as progress_lib
 from vitjax.model import Model
 from vitjax.models.inputs import preprocess
+from vitjax.quantizers.uniform import Uniform
 from vitjax.transforms import site_calibration
 from vitjax.transforms.select import get_kernel, set_kernels
 from vitjax.tune import space
@@ -189,3 +192,45 @@ def rank_agreement(scores: dict[str, float], drops: dict[str, float]) -> float:
   if np.ptp(a) == 0 or np.ptp(b) == 0:
     return float("nan")
   return float(scipy.stats.spearmanr(a, b).statistic)
+
+
+def layer_latency(model: Model, layers: Sequence[str], menu: Sequence[str], *,
+                  batch: int = 1, a_bits: int | None = None, rounds: int = 5,
+                  calls: int = 20) -> np.ndarray:
+  """Measured seconds of each layer's matmul (layers x menu settings; NaN
+  where a setting does not apply): `leaves.linear` jitted on the layer's
+  input shape for a batch of `batch` images (tokens x width; the heads see
+  one vector per image), on a kernel of the layer's shape compressed by the
+  setting, with a static `a_bits` input quantizer when given. Timed in
+  rounds over all (shape, setting) pairs (`evaluate.round_robin`), median
+  of rounds; layers of one shape share a measurement.
+  """
+  cfg = model.config
+  tokens = cfg.num_patches + cfg.num_prefix_tokens
+  settings = [space.parse(n) for n in menu]
+  act = None if a_bits is None else Uniform(jnp.float32(0.05), None, bits=a_bits)
+  rng = np.random.default_rng(0)
+  fns, keys = {}, {}
+  for layer in layers:
+    shape = tuple(np.shape(get_kernel(model.params, layer)))
+    rows = (batch,) if layer.startswith("head") else (batch, tokens)
+    for setting in settings:
+      if not space.applies_to(setting, shape):
+        continue
+      key = f"{shape}|{rows}|{setting.name}"
+      keys[(layer, setting.name)] = key
+      if key in fns:
+        continue
+      leaf = space.compress(rng.normal(size=shape).astype(np.float32), setting, layer)
+      x = jnp.asarray(rng.normal(size=rows + shape[:1]), jnp.float32)
+      bias = jnp.zeros(shape[1:], jnp.float32)
+      run = jax.jit(lambda x, leaf, bias: leaves.linear(x, leaf, bias, act=act))
+      fns[key] = (lambda run, x, leaf, bias: lambda: run(x, leaf, bias))(run, x, leaf, bias)
+  times = evaluate.round_robin(fns, rounds=rounds, calls=calls)
+  table = np.full((len(layers), len(settings)), np.nan)
+  for i, layer in enumerate(layers):
+    for j, setting in enumerate(settings):
+      key = keys.get((layer, setting.name))
+      if key is not None:
+        table[i, j] = float(np.median(times[key]))
+  return table

@@ -275,6 +275,10 @@ def tune(model: Model, dataset: data_lib.Dataset, budget: Budget,
 
   costs, sizes = _layer_tables(table, emulator, tspace)
   seeds, allocation = _ilp_seeds(costs, sizes, fp32_bytes, budget, config, tspace)
+  if budget.max_latency_ratio is not None:
+    latency_seeds, allocation["latency"] = _latency_seeds(model, costs, emulator, budget,
+                                                          config, tspace)
+    seeds = list(dict.fromkeys(latency_seeds + seeds))
   (out / "allocation.json").write_text(json.dumps(allocation, indent=1))
 
   history = search.History(out / "history.jsonl", fingerprint, replace_other=replace_other)
@@ -454,6 +458,33 @@ def _ilp_seeds(costs: np.ndarray, sizes: np.ndarray, fp32_bytes: int, budget: Bu
   note = ("cost: summed single-layer disagreement with the fp32 model (%), the additive "
           "sensitivity model both solvers minimize; the ILP's is never above greedy's")
   return list(dict.fromkeys(seeds)), {"note": note, "budgets": rows}
+
+
+def _latency_seeds(model: Model, costs: np.ndarray, emulator: Emulator, budget: Budget,
+                   config: TuneConfig, tspace: Space) -> tuple[list[search.Genome], dict]:
+  """Integer-program allocation under the latency budget, on measured
+  per-layer matmul times (`sensitivity.layer_latency`, batch 1): the layers'
+  summed time may be at most `max_latency_ratio` of their fp32 sum."""
+  times = sensitivity.layer_latency(model, emulator.layers, config.menu, a_bits=config.a_bits)
+  fp32 = config.menu.index("fp32")
+  base = float(times[:, fp32].sum())
+  sizes = np.where(np.isnan(costs), np.nan, times - times[:, fp32:fp32 + 1])
+  limit = (budget.max_latency_ratio - 1.0) * base
+  reachable = allocate.minimum_size(sizes)
+  doc = {"layer_seconds": np.where(np.isnan(times), None, times).tolist(),
+         "menu": list(config.menu), "fp32_layer_sum_s": base,
+         "note": "per-layer matmul seconds at batch 1 (median of rounds); the model's "
+                 "latency also holds attention, norms and GELU, so the chosen policy is "
+                 "timed whole"}
+  if limit < reachable:
+    doc["solution"] = (f"no per-layer choice reaches {budget.max_latency_ratio:g}x of the "
+                       f"layers' fp32 time (at best {1 + reachable / base:.3f}x); the "
+                       "fastest choice seeds the search instead")
+    limit = reachable
+  choice = allocate.ilp(costs, sizes, limit)
+  doc["ilp_cost"] = allocate.total(costs, choice)
+  doc["ilp_layer_time_ratio"] = 1 + allocate.total(sizes, choice) / base
+  return [tspace.genome([int(c) for c in choice])], doc
 
 
 def _sensitivity_report(model: Model, table: sensitivity.Table, emulator: Emulator,
