@@ -118,20 +118,23 @@ def pareto(rows: dict[str, dict[str, float]], path: str | pathlib.Path,
 def heatmap(values: np.ndarray, rows: Sequence[str], columns: Sequence[str],
             path: str | pathlib.Path, title: str, label: str) -> pathlib.Path:
   """A rows x columns heat map of `values` (NaN cells blank), each cell
-  annotated with its value."""
+  annotated with its value; the colour scale stops at the 98th percentile,
+  so one extreme cell does not wash out the rest."""
   values = np.asarray(values, np.float64)
+  finite = values[np.isfinite(values)]
+  low = min(0.0, float(finite.min())) if finite.size else 0.0
+  high = max(float(np.percentile(finite, 98)) if finite.size else 1.0, low + 1e-9)
   fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(columns), 1.2 + 0.26 * len(rows)))
-  shown = np.ma.masked_invalid(values)
-  image = ax.imshow(shown, aspect="auto", cmap="magma_r",
-                    vmin=min(0.0, float(np.nanmin(values)) if np.isfinite(values).any() else 0),
-                    vmax=max(float(np.nanmax(values)) if np.isfinite(values).any() else 1, 1e-9))
+  image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap="magma_r", vmin=low,
+                    vmax=high)
   ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
   ax.set_yticks(range(len(rows)), rows, fontsize=7)
   for (i, j), v in np.ndenumerate(values):
     if np.isfinite(v):
       ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6,
-              color="white" if v > 0.6 * np.nanmax(values) else "black")
-  fig.colorbar(image, ax=ax, label=label)
+              color="white" if v > low + 0.6 * (high - low) else "black")
+  fig.colorbar(image, ax=ax, label=label, extend="max" if finite.size and
+               finite.max() > high else "neither")
   return _save(fig, title, path)
 
 

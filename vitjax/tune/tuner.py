@@ -375,9 +375,9 @@ def _sensitivity(model: Model, emulator: Emulator, validation: data_lib.Split,
   short = [p.replace("Transformer/encoderblock_", "b").replace(
       "MultiHeadDotProductAttention_1/", "attn/").replace("MlpBlock_3/", "mlp/")
       for p in table.places]
-  plots.heatmap(table.drop, short, table.settings, out / "sensitivity.png",
-                "accuracy drop (pt, validation) when only one place is compressed",
-                "drop (pt)")
+  plots.heatmap(100.0 - table.agreement, short, table.settings, out / "sensitivity.png",
+                "predictions changed (% of validation images) when only one place is "
+                "compressed", "disagreement with fp32 (%)")
   return table
 
 
