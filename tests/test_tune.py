@@ -200,6 +200,13 @@ def test_ilp_is_optimal_and_never_worse_than_greedy():
     assert allocate.total(sizes, exact) <= budget + 1e-9
     assert allocate.total(sizes, rough) <= budget + 1e-9
     assert allocate.total(costs, exact) <= allocate.total(costs, rough) + 1e-12
+  # Two layers, one sensitive and one not, room to compress only one: the
+  # insensitive one is compressed, and the budget holds exactly.
+  costs = np.array([[0.0, 5.0], [0.0, 0.1]])
+  sizes = np.array([[0.0, -10.0], [0.0, -10.0]])
+  for solve in (allocate.ilp, allocate.greedy):
+    choice = solve(costs, sizes, -10.0)
+    assert list(choice) == [0, 1] and allocate.total(sizes, choice) == -10.0
   with pytest.raises(ValueError, match="below the smallest"):
     allocate.ilp(np.zeros((2, 2)), np.ones((2, 2)), 1.0)
   with pytest.raises(ValueError, match="no allowed option"):
@@ -326,6 +333,14 @@ def test_tune_writes_everything_deterministically(model, dataset, tmp_path):
   images = jnp.asarray(dataset.validation.images)
   np.testing.assert_array_equal(evaluate.predictor()(saved, images),
                                 evaluate.predictor()(rebuilt, images))
+  # The front is non-dominated, and it dominates every other evaluated policy.
+  history = [json.loads(line) for line in
+             (tmp_path / "a" / "history.jsonl").read_text().splitlines()[1:]]
+  points = [(e["drop"], e["bytes"]) for e in history]
+  front = [(e["drop"], e["bytes"]) for e in a.front]
+  assert not any(search.dominates(p, q) for p in front for q in front)
+  assert all(p in front or any(search.dominates(q, p) or q == p for q in front)
+             for p in points)
   # The chosen policy is the smallest on the front within the drop.
   feasible = [e for e in a.front if e["drop"] <= 5.0]
   assert a.chosen["bytes"] == min(e["bytes"] for e in feasible)
@@ -357,6 +372,9 @@ def test_tune_reports_the_closest_policy_when_none_meets_the_budget(model, datas
 def test_tune_refusals(model, dataset, tmp_path):
   with pytest.raises(ValueError, match="max_drop or max_bytes_ratio"):
     tuner.Budget()
+  for ratio in (0.0, 1.5):
+    with pytest.raises(ValueError, match=r"max_bytes_ratio=.* is outside \(0, 1\]"):
+      tuner.Budget(max_bytes_ratio=ratio)
   with pytest.raises(ValueError, match="must include 'fp32'"):
     tuner.TuneConfig(menu=("w8",))
   with pytest.raises(ValueError, match="part 'int8'"):
@@ -375,7 +393,7 @@ def _write_npz(dataset, directory):
   np.savez(directory / "test.npz", images=dataset.test.images, labels=dataset.test.labels)
 
 
-def test_tune_cli(model, dataset, tmp_path):
+def test_tune_cli(model, dataset, tmp_path, capsys):
   ckpt = tmp_path / "run" / "model"
   export.save_model(model, ckpt)
   npz = tmp_path / "data"
@@ -389,6 +407,13 @@ def test_tune_cli(model, dataset, tmp_path):
   assert (tmp_path / "tuned" / "policy.json").exists()
   assert export.load_model(tmp_path / "tuned" / "model")
   assert cli.main(args[:2] + ["--evals", "6"]) == 2  # no budget given
+  for bad, message in ((["--evals", "0"], "0 is outside [1, inf]"),
+                       (["--max-bytes-ratio", "1.5"], "1.5 is outside (0, 1]")):
+    with pytest.raises(SystemExit):
+      cli.main(args + bad)
+    assert message in capsys.readouterr().err
+  assert cli.main(args + ["--menu", "fp32", "int8"]) == 2
+  assert "part 'int8'" in capsys.readouterr().err
 
 
 def test_latency_budget_seeds_the_search_from_measured_layer_times(model, dataset, tmp_path):

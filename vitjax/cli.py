@@ -745,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("checkpoint", help="a run directory or its model/ directory (uncompressed)")
   p.add_argument("--max-drop", type=WEIGHT, default=None,
                  help="validation accuracy drop allowed, in points")
-  p.add_argument("--max-bytes-ratio", type=POSITIVE, default=None,
+  p.add_argument("--max-bytes-ratio", type=FRACTION_KEPT, default=None,
                  help="stored bytes allowed, as a fraction of the fp32 model's")
   p.add_argument("--max-latency-ratio", type=POSITIVE, default=None,
                  help="batch-1 latency allowed, as a fraction of the fp32 model's (measured)")

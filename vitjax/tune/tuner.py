@@ -58,7 +58,7 @@ class Budget:
     max_drop: validation accuracy drop in points, at most.
     max_bytes_ratio: stored bytes / the uncompressed model's, at most.
     max_latency_ratio: batch-1 latency / the uncompressed model's, at most
-      (measured on the real compressed model).
+      (measured on the real compressed model; above 1 allows a slower one).
     prefer: among policies that meet the budget, "smallest" bytes or
       "most-accurate"; None: "smallest" when `max_drop` is given, else
       "most-accurate".
@@ -74,10 +74,12 @@ class Budget:
       raise ValueError("a tuning budget needs max_drop or max_bytes_ratio (or both)")
     if self.max_drop is not None and self.max_drop < 0:
       raise ValueError(f"max_drop={self.max_drop} must be >= 0 points")
-    for name in ("max_bytes_ratio", "max_latency_ratio"):
-      value = getattr(self, name)
-      if value is not None and not value > 0:
-        raise ValueError(f"{name}={value} must be > 0")
+    if self.max_bytes_ratio is not None and not 0 < self.max_bytes_ratio <= 1:
+      raise ValueError(f"max_bytes_ratio={self.max_bytes_ratio} is outside (0, 1] (a "
+                       "fraction of the uncompressed model's stored bytes)")
+    if self.max_latency_ratio is not None and not self.max_latency_ratio > 0:
+      raise ValueError(f"max_latency_ratio={self.max_latency_ratio} must be > 0 (a "
+                       "multiple of the uncompressed model's latency; above 1 allows slower)")
     if self.prefer is not None and self.prefer not in PREFERENCES:
       raise ValueError(f"prefer={self.prefer!r}; choose one of {PREFERENCES}")
 
