@@ -753,7 +753,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="which policy meeting the budget wins (default: smallest with "
                       "--max-drop, else most-accurate)")
   p.add_argument("--time-budget", type=_duration, default=None,
-                 help="stop the search after this long, e.g. 10m (the front so far is used)")
+                 help="score no new policy after this long, e.g. 10m, counted from the "
+                      "start (the front so far is used)")
   p.add_argument("--evals", type=POSITIVE_INT, default=96,
                  help="policies the search evaluates (a resumed run counts earlier ones)")
   p.add_argument("--population", type=_number(int, 4), default=16)

@@ -68,8 +68,8 @@ class Settings:
     ptq_w6a6, ptq_w4a4: the PTQ recipes (`vitjax.transforms.ptq`) of the W6A6
       and W4A4 rows: the teacher's validation winners in
       experiments/ptq_table.py (2026-11-25).
-    tune_seconds: the "tuned" row's search time budget (its sensitivity
-      table, allocation and final build come on top).
+    tune_seconds: the "tuned" row's time budget: no new policy is scored
+      after it (the sensitivity table counts; the final build comes on top).
     tune_evaluations: policies the "tuned" row's search evaluates at most.
     train_images: train everything on the first this many training images
       (None: all of them).

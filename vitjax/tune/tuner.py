@@ -117,8 +117,9 @@ class TuneConfig:
     calibration: training images for activation ranges and the Hessian.
     hessian_probes: Rademacher vectors of the Hutchinson estimate.
     search: NSGA-II settings (population, evaluations, seed).
-    time_budget_s: stop the search after this long (None: run all its
-      evaluations; at least one policy is evaluated); the front so far is used.
+    time_budget_s: start no new evaluation this long after `tune` began
+      (the sensitivity table counts; None: run all the evaluations; at least
+      one policy is always evaluated); the front so far is used.
     ilp_budgets: byte budgets whose integer-program solutions seed the search
       (with every uniform setting of the menu).
     candidates: at most this many front policies are built for real before
