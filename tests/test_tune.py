@@ -13,6 +13,7 @@ import pytest
 from helpers import TINY, noisy_model, synthetic_dataset
 from vitjax import cli, evaluate, export, losses
 from vitjax import model as model_lib
+from vitjax.models.cnn import CNNConfig
 from vitjax.models.inputs import preprocess
 from vitjax.transforms.select import get_kernel, linear_layers
 from vitjax.tune import allocate, emulate, policy as policy_lib, search, sensitivity, space
@@ -127,6 +128,10 @@ def test_emulator_refuses_test_images_and_compressed_models(model, dataset):
       (policy_lib.LayerRule("head", LayerSetting(w_bits=8)),)), model, dataset.calibration)
   with pytest.raises(ValueError, match="uncompressed"):
     emulate.Emulator(compressed, dataset.validation, dataset.calibration)
+  cnn = model_lib.init(CNNConfig(image_size=8, channels=1, num_classes=4, widths=(4,),
+                                 blocks=(1,), groups=2), 0)
+  with pytest.raises(ValueError, match="auto-tuner needs a ViT"):
+    emulate.Emulator(cnn, dataset.validation, dataset.calibration)
 
 
 # ---------------------------------------------------------------- policies

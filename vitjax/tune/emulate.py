@@ -33,6 +33,7 @@ from vitjax import data as data_lib
 from vitjax import evaluate
 from vitjax import model as model_lib
 from vitjax.model import Model
+from vitjax.models.arch import require_vit
 from vitjax.quantizers.uniform import UniformSpec, qmax
 from vitjax.transforms import site_calibration, structured
 from vitjax.transforms.select import get_kernel, get_module, linear_layers, set_kernels
@@ -151,6 +152,7 @@ class Emulator:
   def __init__(self, model: Model, evaluation: data_lib.Split, calibration: data_lib.Split,
                *, a_bits: tuple[int, ...] = space.ACTIVATION_BITS, batch_size: int = 500,
                progress: bool = False):
+    require_vit(model.config, "the auto-tuner")
     check_uncompressed(model)
     if evaluation.origin == "test":
       raise ValueError("the tuner scores plans on held-out validation images; got the test "
