@@ -35,13 +35,12 @@ import shutil
 import time
 
 from vitjax import data as data_lib
-from vitjax import evaluate, export, recipes
+from vitjax import evaluate, export, recipes, survey
 from vitjax import model as model_lib
 from vitjax.transforms import prune, quantize
 from vitjax.tune import search, tuner
 
 HERE = pathlib.Path(__file__).parent
-QAT_LEARNING_RATE = 3e-5  # the survey's (vitjax.survey.QAT_LEARNING_RATE)
 
 
 def uniform_settings(teacher, dataset: data_lib.Dataset, work: pathlib.Path, steps: int
@@ -55,7 +54,7 @@ def uniform_settings(teacher, dataset: data_lib.Dataset, work: pathlib.Path, ste
          "uniform int4": quantize.weight_only(4)(teacher)}
   qat = quantize.qat(4, act_bits=None)(teacher)
   out["uniform int4 + QAT"] = quantize.convert_qat()(finetune(qat, "qat-int4",
-                                                             QAT_LEARNING_RATE))
+                                                             survey.QAT_LEARNING_RATE))
   sparse = finetune(prune.n_m(2, 4, exclude=blocks)(teacher), "prune-2:4", 3e-4)
   out["uniform 2:4 + int8"] = quantize.weight_only(8)(sparse)
   out["uniform 50% + int4"] = quantize.weight_only(4)(prune.magnitude(0.5)(teacher))

@@ -106,12 +106,21 @@ def start_run(out: pathlib.Path, overwrite: bool, model_dir: pathlib.Path) -> No
       raise FileExistsError(f"{model_dir} holds a finished model; pass --overwrite to "
                             "start over, or another --out")
     return
+  remove_run(out, RUN_ENTRIES, "a vitjax run")
+
+
+def remove_run(out: pathlib.Path, entries: set[str], what: str) -> None:
+  """Deletes the run directory `out` (for --overwrite), if it exists.
+
+  Raises:
+    CheckpointError: `out` holds files other than `entries` (never deleted).
+  """
   if out.is_dir():
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in entries)
     if foreign:
       raise export.CheckpointError(
-          f"--overwrite would delete {out}, which holds {foreign[:5]} besides a vitjax "
-          "run; choose another --out")
+          f"--overwrite would delete {out}, which holds {foreign[:5]} besides {what}; "
+          "choose another --out")
     shutil.rmtree(out)
 
 
@@ -460,12 +469,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                  evaluations=args.evals, seed=args.seed))
   model_dir, model, dataset = _load_source(args)
   out = pathlib.Path(args.out or f"{model_dir.parent}-tuned")
-  if args.overwrite and out.is_dir():
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in TUNE_ENTRIES)
-    if foreign:
-      raise export.CheckpointError(f"--overwrite would delete {out}, which holds "
-                                   f"{foreign[:5]} besides a tuning run; choose another --out")
-    shutil.rmtree(out)
+  if args.overwrite:
+    remove_run(out, TUNE_ENTRIES, "a tuning run")
   result = tuner.tune(model, dataset, budget, out, config)
   print(f"wrote {out}/policy.json, {out}/model, front.json/png, sensitivity.json/png, "
         "history.jsonl")

@@ -191,6 +191,30 @@ def spec_from_dict(entry: Any, where: str) -> Any:
     raise ValueError(f"{where}: {e}") from e
 
 
+def rules_from_json(entries: Any, where: str) -> list[SiteRule]:
+  """Site rules from their JSON form, [{"pattern": regex, "quantizer": {...}}]
+  (see `spec_from_dict`).
+
+  Raises:
+    ValueError: an entry without exactly those two keys, or a bad quantizer;
+      `where` and the entry's index name it.
+  """
+  rules = []
+  for i, r in enumerate(entries):
+    if not isinstance(r, dict) or set(r) != {"pattern", "quantizer"}:
+      raise ValueError(f"{where}: rules[{i}] must have exactly 'pattern' and "
+                       f"'quantizer', got {r!r}")
+    rules.append(SiteRule(r["pattern"], spec_from_dict(r["quantizer"], f"rules[{i}]")))
+  return rules
+
+
+def before(own: list[SiteRule], recipe: tuple[SiteRule, ...]) -> list[SiteRule]:
+  """`own` rules first, then the recipe's rules whose pattern `own` does not
+  already have (an own rule replaces the recipe's rule of the same pattern)."""
+  patterns = {r.pattern for r in own}
+  return own + [r for r in recipe if r.pattern not in patterns]
+
+
 def load_policy(path: str | os.PathLike) -> Policy:
   """A policy from a JSON file: {"weights": "rtn"|"gptq", "reparam": bool,
   "w_bits": int, "edge_bits": int, "rules": [{"pattern": regex, "quantizer":
@@ -211,19 +235,13 @@ def load_policy(path: str | os.PathLike) -> Policy:
   if not isinstance(doc, dict) or set(doc) - keys:
     raise ValueError(f"policy file {path}: expected an object with keys from "
                      f"{sorted(keys)}, got {sorted(doc) if isinstance(doc, dict) else doc!r}")
-  rules = []
-  for i, r in enumerate(doc.get("rules", [])):
-    if not isinstance(r, dict) or set(r) != {"pattern", "quantizer"}:
-      raise ValueError(f"policy file {path}: rules[{i}] must have exactly 'pattern' and "
-                       f"'quantizer', got {r!r}")
-    rules.append(SiteRule(r["pattern"], spec_from_dict(r["quantizer"], f"rules[{i}]")))
+  rules = rules_from_json(doc.get("rules", []), f"policy file {path}")
   base = {}
   if "recipe" in doc:
     named = recipe_policy(doc["recipe"], w_bits=doc.get("w_bits", 8),
                           a_bits=doc.get("a_bits", 8), edge_bits=doc.get("edge_bits", 8),
                           layernorm_inputs=doc.get("layernorm_inputs", False))
-    own = {r.pattern for r in rules}
-    rules += [r for r in named.rules if r.pattern not in own]
+    rules = before(rules, named.rules)
     base = {"weights": named.weights, "reparam": named.reparam}
   try:
     return Policy(tuple(rules), weights=doc.get("weights", base.get("weights", "rtn")),

@@ -153,7 +153,7 @@ def slice_model(model: Model, head_keep: list[np.ndarray],
   hd = cfg.head_dim
   for i in range(cfg.depth):
     blk = _block(params, i)
-    cols = np.concatenate([np.arange(h * hd, (h + 1) * hd) for h in head_keep[i]])
+    cols = head_columns(head_keep[i], hd)
     keep = neuron_keep[i]
     attn, mlp = blk[ATTN], blk[MLP]
     host = lambda a: np.asarray(a)
@@ -195,17 +195,35 @@ def heads_and_neurons(*, head_keep: float | Sequence[int] = 1.0,
     raise ValueError("score='taylor' needs a labeled calibration split")
 
   def transform(model: Model) -> Model:
-    cfg = require_vit(model.config, "structured pruning of heads and neurons")
-    heads_n = [cfg.heads(i) for i in range(cfg.depth)]
-    mlp_n = [cfg.mlp_width(i) for i in range(cfg.depth)]
-    h_counts = keep_counts(head_keep, heads_n, "head_keep", "head")
-    n_counts = keep_counts(mlp_keep, mlp_n, "mlp_keep", "neuron")
-    if score == "taylor":
-      h_scores, n_scores = taylor_scores(model, calibration, batch_size)
-    else:
-      h_scores, n_scores = norm_scores(model, score)
-    return slice_model(model, [top_indices(s, k) for s, k in zip(h_scores, h_counts)],
-                       [top_indices(s, k) for s, k in zip(n_scores, n_counts)])
+    return slice_model(model, *kept_units(model, head_keep, mlp_keep, score, calibration,
+                                          batch_size))
 
   return transform
+
+
+def kept_units(model: Model, head_keep: float | Sequence[int], mlp_keep: float | Sequence[int],
+               score: str = "l2", calibration: Split | None = None, batch_size: int = 128
+               ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """Per block, the indices of the heads and of the MLP neurons that
+  `heads_and_neurons` keeps (the highest scores, in their original order).
+
+  Raises:
+    ValueError: a CNN, or keep values that would empty a block.
+  """
+  cfg = require_vit(model.config, "structured pruning of heads and neurons")
+  h_counts = keep_counts(head_keep, [cfg.heads(i) for i in range(cfg.depth)], "head_keep",
+                         "head")
+  n_counts = keep_counts(mlp_keep, [cfg.mlp_width(i) for i in range(cfg.depth)], "mlp_keep",
+                         "neuron")
+  if score == "taylor":
+    h_scores, n_scores = taylor_scores(model, calibration, batch_size)
+  else:
+    h_scores, n_scores = norm_scores(model, score)
+  return ([top_indices(s, k) for s, k in zip(h_scores, h_counts)],
+          [top_indices(s, k) for s, k in zip(n_scores, n_counts)])
+
+
+def head_columns(heads: np.ndarray, head_dim: int) -> np.ndarray:
+  """The q/k/v output columns (and out-projection rows) of the given heads."""
+  return np.concatenate([np.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
 

@@ -95,30 +95,28 @@ def kept_indices(model: Model, heads: tuple[int, ...] | None, mlp: tuple[int, ..
   `structured.heads_and_neurons(score="l2")` does.
 
   Raises:
-    ValueError: what `structured.keep_counts` refuses.
+    ValueError: what `structured.kept_units` refuses.
   """
-  cfg = model.config
   if heads is None and mlp is None:
     return {}
-  h_scores, n_scores = structured.norm_scores(model, "l2")
-  h_counts = structured.keep_counts(list(heads) if heads is not None else 1.0,
-                                    [cfg.heads(i) for i in range(cfg.depth)], "heads", "head")
-  n_counts = structured.keep_counts(list(mlp) if mlp is not None else 1.0,
-                                    [cfg.mlp_width(i) for i in range(cfg.depth)], "mlp",
-                                    "neuron")
+  heads_kept, neurons_kept = structured.kept_units(
+      model, list(heads) if heads is not None else 1.0, list(mlp) if mlp is not None else 1.0)
   out = {}
-  for i in range(cfg.depth):
+  for i, (kept, neurons) in enumerate(zip(heads_kept, neurons_kept)):
     block = f"Transformer/encoderblock_{i}"
-    hd = cfg.head_dim
-    heads_kept = structured.top_indices(h_scores[i], h_counts[i])
-    cols = np.concatenate([np.arange(h * hd, (h + 1) * hd) for h in heads_kept])
-    neurons = structured.top_indices(n_scores[i], n_counts[i])
+    cols = structured.head_columns(kept, model.config.head_dim)
     for name in ("query", "key", "value"):
       out[f"{block}/{ATTENTION}/{name}"] = (1, cols)
     out[f"{block}/{ATTENTION}/out"] = (0, cols)
     out[f"{block}/{MLP}/Dense_0"] = (1, neurons)
     out[f"{block}/{MLP}/Dense_1"] = (0, neurons)
   return out
+
+
+def _refuse_test(evaluation: data_lib.Split) -> None:
+  if evaluation.origin == "test":
+    raise ValueError("the tuner scores plans on held-out validation images; got the test "
+                     "split (report test figures once, after choosing)")
 
 
 def check_uncompressed(model: Model) -> None:
@@ -154,9 +152,7 @@ class Emulator:
                progress: bool = False):
     require_vit(model.config, "the auto-tuner")
     check_uncompressed(model)
-    if evaluation.origin == "test":
-      raise ValueError("the tuner scores plans on held-out validation images; got the test "
-                       "split (report test figures once, after choosing)")
+    _refuse_test(evaluation)
     site_calibration.check_training_split(calibration)
     self.model = model
     self.layers = linear_layers(model.params)
@@ -175,8 +171,7 @@ class Emulator:
                        for bits, fits in self.fits.items()}
     self.fixed_bits = sum(model_lib.leaf_bits(a) for a in jax.tree_util.tree_leaves(
         model.params)) - sum(self._float_bits(layer) for layer in self.layers)
-    self.reference = self._predict(Plan({}))
-    self.reference_accuracy = float(np.mean(self.reference == evaluation.labels) * 100)
+    self._score_reference()
 
   def on(self, evaluation: data_lib.Split) -> Emulator:
     """The same emulator (calibration, cached kernels) scoring other images.
@@ -184,14 +179,16 @@ class Emulator:
     Raises:
       ValueError: images from the test split.
     """
-    if evaluation.origin == "test":
-      raise ValueError("the tuner scores plans on held-out validation images; got the test "
-                       "split")
+    _refuse_test(evaluation)
     other = copy.copy(self)
     other.evaluation = evaluation
-    other.reference = other._predict(Plan({}))
-    other.reference_accuracy = float(np.mean(other.reference == evaluation.labels) * 100)
+    other._score_reference()
     return other
+
+  def _score_reference(self) -> None:
+    """The uncompressed model's predictions and accuracy on the images."""
+    self.reference = self._predict(Plan({}))
+    self.reference_accuracy = float(np.mean(self.reference == self.evaluation.labels) * 100)
 
   def _float_bits(self, layer: str) -> int:
     module = get_module(self.model.params, layer)

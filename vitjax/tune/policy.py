@@ -83,16 +83,13 @@ class CompressionPolicy:
     doc = dict(self.sites)
     if not doc:
       return (), False
-    rules = [SiteRule(r["pattern"], ptq.spec_from_dict(r["quantizer"], f"sites.rules[{i}]"))
-             for i, r in enumerate(doc.get("rules", []))]
+    rules = ptq.rules_from_json(doc.get("rules", []), "sites")
     if "recipe" in doc:
       if doc["recipe"] not in ptq.SITE_RECIPES:
         raise ValueError(f"sites.recipe={doc['recipe']!r}; choose one of {ptq.SITE_RECIPES}")
-      own = {r.pattern for r in rules}
-      rules += [r for r in ptq.site_rules(doc["recipe"], doc.get("a_bits", 8),
-                                          edge_bits=doc.get("edge_bits", 8),
-                                          layernorm_inputs=doc.get("layernorm_inputs", False))
-                if r.pattern not in own]
+      rules = ptq.before(rules, ptq.site_rules(
+          doc["recipe"], doc.get("a_bits", 8), edge_bits=doc.get("edge_bits", 8),
+          layernorm_inputs=doc.get("layernorm_inputs", False)))
     return tuple(rules), doc.get("recipe") == "repqvit"
 
 

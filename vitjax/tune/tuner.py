@@ -12,7 +12,7 @@ latency budget.
      appended to history.jsonl (a killed run resumes from it) and the best
      policy meeting the budget (or, while none does, the closest) written to
      best_policy.json after every improvement;
-  4. the choice: the front's policies that meet the budget, in order of
+  4. the choice: the evaluated policies that meet the budget, in order of
      preference, are built for real (`policy.apply_policy`), measured on
      the same validation images (and, with a latency budget, timed against
      the uncompressed model; timings go to latency.jsonl, apart from the
@@ -122,7 +122,7 @@ class TuneConfig:
       one policy is always evaluated); the front so far is used.
     ilp_budgets: byte budgets whose integer-program solutions seed the search
       (with every uniform setting of the menu).
-    candidates: at most this many front policies are built for real before
+    candidates: at most this many policies are built for real before
       the tuner settles for the closest one.
   """
 
@@ -319,7 +319,7 @@ def tune(model: Model, dataset: data_lib.Dataset, budget: Budget,
   # Timings stay in the history; what is compared and chosen is deterministic.
   entries = [{k: v for k, v in history.get(g).items() if k != "seconds"} for g in seen]
   front = [entries[i] for i in search.pareto_front([(e["drop"], e["bytes"]) for e in entries])]
-  chosen, real_model, feasible = _choose(model, entries, front, budget, tspace, emulator,
+  chosen, real_model, feasible = _choose(model, entries, budget, tspace, emulator, fp32_bytes,
                                          calibration, validation, config, out, say)
   plan = tspace.plan(tuple(chosen["genome"]))
   chosen["policy"] = _describe(plan)
@@ -524,8 +524,8 @@ def _latency_ratio(model: Model, candidate: Model) -> tuple[float, list[float]]:
   return statistics.median(ratios), ratios
 
 
-def _choose(model: Model, entries: list[dict], front: list[dict], budget: Budget,
-            tspace: Space, emulator: Emulator, calibration: data_lib.Split,
+def _choose(model: Model, entries: list[dict], budget: Budget, tspace: Space,
+            emulator: Emulator, fp32_bytes: int, calibration: data_lib.Split,
             validation: data_lib.Split, config: TuneConfig, out: pathlib.Path, say: Any
             ) -> tuple[dict[str, Any], Model, bool]:
   """The first candidate (feasible ones by preference) whose real model
@@ -534,7 +534,6 @@ def _choose(model: Model, entries: list[dict], front: list[dict], budget: Budget
   candidates = [e for e in ranked if budget.violation(e["drop"], e["bytes_ratio"]) == 0]
   candidates = candidates[:config.candidates] or ranked[:1]
   reference = emulator.reference_accuracy
-  fp32_bytes = emulator.stored_bytes(Plan({}))
   measured = []
   for entry in candidates:
     plan = tspace.plan(tuple(entry["genome"]))
