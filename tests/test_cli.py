@@ -1,5 +1,6 @@
 """The `vitjax` command line, end to end on a small npz dataset."""
 
+import os
 import re
 
 import numpy as np
@@ -95,3 +96,14 @@ def test_survey_overwrite_rebuilds_every_stage_but_the_teacher(npz_dir, tmp_path
     cli.main(["survey", "--overwrite", "--out", str(out), "--dataset", "npz",
               "--data-dir", str(npz_dir)])
   assert sorted(p.name for p in out.iterdir()) == ["notes", "results.md", "teacher"]
+
+
+def test_entry_point_turns_on_the_compile_cache_unless_told_otherwise():
+  from vitjax import entry
+  env = entry.compile_cache_env({})
+  assert env["JAX_COMPILATION_CACHE_DIR"].endswith(os.path.join(".cache", "vitjax", "xla"))
+  assert int(env["JAX_COMPILATION_CACHE_MAX_SIZE"]) == 2 * 1024**3
+  assert entry.compile_cache_env({"VITJAX_COMPILE_CACHE": "off"}) == {}
+  assert entry.compile_cache_env({"JAX_COMPILATION_CACHE_DIR": "/x"}) == {}
+  with pytest.raises(ValueError, match="VITJAX_COMPILE_CACHE='yes'; choose 'on' or 'off'"):
+    entry.compile_cache_env({"VITJAX_COMPILE_CACHE": "yes"})

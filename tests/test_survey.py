@@ -120,3 +120,20 @@ def test_settings_refuse_an_empty_or_negative_subset(field):
   with pytest.raises(ValueError, match=f"Settings.{field} must be None .* or >= 1, got -5"):
     survey.Settings(**{field: -5})
   assert getattr(survey.Settings(**{field: 7}), field) == 7
+
+
+def test_schedule_gives_the_main_job_epochs_unless_told_otherwise():
+  main = survey.Settings()
+  assert main.epochs("teacher_epochs") == survey.MAIN_JOB_EPOCHS["tiny"]["teacher_epochs"]
+  assert main.epochs("cnn_epochs") == survey.MAIN_JOB_EPOCHS["tiny"]["cnn_epochs"]
+  # The main-job schedule is shorter than every recipe it cuts.
+  teacher = recipes.teacher_recipe("tiny")["epochs"]
+  assert main.epochs("teacher_epochs") < teacher
+  assert main.epochs("student_epochs") < recipes.student_recipe("tiny-student")["epochs"]
+  # A given field wins; "recipes" (or a preset without an entry) leaves None,
+  # which the recipes read as their own length.
+  assert survey.Settings(teacher_epochs=3.0).epochs("teacher_epochs") == 3.0
+  assert survey.Settings(schedule="recipes").epochs("teacher_epochs") is None
+  assert survey.Settings(preset="s16").epochs("student_epochs") is None
+  with pytest.raises(ValueError, match="Settings.schedule='short'; choose one of"):
+    survey.Settings(schedule="short")

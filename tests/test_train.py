@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from helpers import TINY, assert_params_close, noisy_model, synthetic_split
-from vitjax import evaluate, losses, progress, recipes, sharding, train
+from vitjax import evaluate, losses, progress, recipes, sharding, train, xla_cpu
 from vitjax import model as model_lib
 from vitjax.models.inputs import preprocess
 
@@ -161,6 +161,8 @@ def test_recipes_refuse_presets_without_one():
     (dict(steps=5, ema_decay=1.0), r"ema_decay must be in \[0, 1\), got 1.0"),
     (dict(steps=5, patch_dropout=1.0), r"patch_dropout must be in \[0, 1\), got 1.0"),
     (dict(steps=5, patch_dropout=-0.1), r"patch_dropout must be in \[0, 1\), got -0.1"),
+    (dict(steps=5, xla_cpu="fast"), r"xla_cpu='fast'; choose one of \('xla-default', "
+                                    r"'ynn-off'\)"),
 ])
 def test_train_config_errors(kwargs, match):
   kwargs.setdefault("warmup_steps", 0)
@@ -304,3 +306,24 @@ def test_a_training_state_saved_before_a_config_field_existed_still_resumes(tmp_
   train_lib._check_meta(tmp_path / "w", meta)  # the defaults fill the missing fields
   with pytest.raises(ValueError, match="different run"):
     train_lib._check_meta(tmp_path / "w", dict(meta, model=cfg.replace(gelu="erf").to_dict()))
+
+
+def test_ynn_off_compiles_the_same_training_arithmetic():
+  """TrainConfig.xla_cpu changes the CPU kernels, not the computation: the
+  parameters after a few steps agree with XLA's default to float rounding,
+  and differ from a run that really changes something (another seed)."""
+  config = TINY.replace(image_size=16)
+  split = synthetic_split(128, config)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  cfg = train.TrainConfig(steps=4, batch_size=32, warmup_steps=0)
+  runs = {name: train.fit(model_lib.init(config, 0), split, cfg, progress=False, mesh=mesh)
+          for name, cfg in (("default", cfg),
+                            ("ynn-off", dataclasses.replace(cfg, xla_cpu="ynn-off")),
+                            ("seed", dataclasses.replace(cfg, seed=1)))}
+  flat = {k: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(m.params)])
+          for k, m in runs.items()}
+  np.testing.assert_allclose(flat["ynn-off"], flat["default"], rtol=0, atol=1e-5)
+  assert np.abs(flat["seed"] - flat["default"]).max() > 1e-3
+  assert xla_cpu.options_for("ynn-off", "cpu") == {xla_cpu.YNN_FUSION_TYPE: ""}
+  assert xla_cpu.options_for("ynn-off", "gpu") is None
+  assert xla_cpu.options_for("xla-default", "cpu") is None

@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 
 from vitjax import data as data_lib
 from vitjax import leaves, sharding, streaming
+from vitjax import xla_cpu as xla_cpu_lib
 from vitjax import progress as progress_lib
 from vitjax.losses import cross_entropy
 from vitjax.model import Model, apply
@@ -102,6 +103,10 @@ class TrainConfig:
     checkpoint_every: save the state every this many steps (with a workdir).
     fsdp: shard parameters and optimizer state over devices.
     log_every: refresh the progress bar metrics every this many steps.
+    xla_cpu: how XLA's CPU backend compiles the step (`xla_cpu.CANDIDATES`;
+      ignored on GPU/TPU). The same arithmetic either way; "ynn-off" trains
+      the CNN teacher 1.32x faster on this project's 2-core EPYC (5.93 ->
+      7.83 steps/s), the ViT teacher 0.88x as fast (9.86 -> 8.72).
   """
 
   steps: int
@@ -121,6 +126,7 @@ class TrainConfig:
   checkpoint_every: int = 500
   fsdp: bool = False
   log_every: int = 20
+  xla_cpu: xla_cpu_lib.Candidate = "xla-default"
 
   def __post_init__(self) -> None:
     for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
@@ -144,6 +150,9 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.augment_views must be >= 0, got {self.augment_views}")
     if not 0 <= self.patch_dropout < 1:
       raise ValueError(f"TrainConfig.patch_dropout must be in [0, 1), got {self.patch_dropout}")
+    if self.xla_cpu not in xla_cpu_lib.CANDIDATES:
+      raise ValueError(f"TrainConfig.xla_cpu={self.xla_cpu!r}; choose one of "
+                       f"{tuple(xla_cpu_lib.CANDIDATES)}")
 
   @property
   def augments(self) -> bool:
@@ -524,7 +533,8 @@ def fit(model: Model, split: data_lib.Split | streaming.Stream, cfg: TrainConfig
       in_shardings=(state_sharding, data_spec, data_spec, data_spec,
                     sharding.replicated(mesh)),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
-      donate_argnums=(0,))
+      donate_argnums=(0,),
+      compiler_options=xla_cpu_lib.options_for(cfg.xla_cpu, jax.default_backend()))
 
   local = cfg.batch_size // jax.process_count()
   lo = jax.process_index() * local

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Mapping
+import typing
+from typing import Literal, Mapping
 
 YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
 
@@ -33,6 +34,22 @@ CANDIDATES: dict[str, dict[str, str]] = {
     "xla-default": {},
     "ynn-off": {YNN_FUSION_TYPE: ""},
 }
+Candidate = Literal["xla-default", "ynn-off"]
+assert set(typing.get_args(Candidate)) == set(CANDIDATES)
+
+
+def options_for(name: Candidate, backend: str) -> dict[str, str] | None:
+  """The compiler options of candidate `name` for `jax.jit` on `backend`:
+  None (XLA's defaults) for "xla-default" and on any backend but "cpu", whose
+  compilers do not know these options.
+
+  Raises:
+    ValueError: `name` is not one of `CANDIDATES`.
+  """
+  if name not in CANDIDATES:
+    raise ValueError(f"XLA CPU candidate {name!r} is unknown; choose one of "
+                     f"{tuple(CANDIDATES)}")
+  return dict(CANDIDATES[name]) or None if backend == "cpu" else None
 
 
 def candidate_name(options: Mapping[str, str]) -> str:
