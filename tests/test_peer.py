@@ -116,3 +116,18 @@ def test_compare_reports_every_round_and_the_chosen_options():
     assert r.latency_ms == pytest.approx(float(np.median(r.latency_rounds_ms)))
     assert r.options == "ynn-off (b=1), xla-default (b=8)"
   assert reports["a"].accuracy == pytest.approx(evaluate.accuracy(a, split))
+
+
+def test_precompile_fills_the_jit_cache_that_later_calls_use():
+  a, b = noisy(TINY), noisy(TINY.replace(dim=TINY.dim * 2), seed=1)  # two structures
+  opts = list(xla_cpu.CANDIDATES.values())
+  sizes = {i: evaluate.predictor(o)._cache_size() for i, o in enumerate(opts)}
+  # Batch sizes no other test compiles: each job is a new executable.
+  assert evaluate.precompile({"a": a, "b": b}, (5, 7), opts) == 8
+  for i, o in enumerate(opts):  # 2 structures x 2 batch sizes per options
+    assert evaluate.predictor(o)._cache_size() == sizes[i] + 4
+  evaluate.round_times({"a": a, "b": b}, 7, rounds=1, calls=1,
+                       options={"a": opts[1], "b": opts[1]}, warmup=0)
+  assert evaluate.predictor(opts[1])._cache_size() == sizes[1] + 4  # nothing new
+  with pytest.raises(ValueError, match="workers=0 must be >= 1"):
+    evaluate.precompile({"a": a}, (1,), workers=0)

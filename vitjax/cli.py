@@ -419,7 +419,7 @@ def cmd_survey(args: argparse.Namespace) -> int:
                                  ("student_epochs", args.student_epochs),
                                  ("teacher_epochs", args.teacher_epochs),
                                  ("cnn_epochs", args.cnn_epochs),
-                                 ("schedule", args.schedule)) if v is not None}
+                                 ("tune_seconds", args.tune_seconds)) if v is not None}
   settings = dataclasses.replace(settings, **overrides)
   out = pathlib.Path(args.out or ("checkpoints/survey-quick" if args.quick
                                   else "checkpoints/survey"))
@@ -810,9 +810,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--student-epochs", type=POSITIVE, default=None)
   p.add_argument("--teacher-epochs", type=POSITIVE, default=None)
   p.add_argument("--cnn-epochs", type=POSITIVE, default=None)
-  p.add_argument("--schedule", default=None, choices=list(survey.SCHEDULES),
-                 help="epochs not given: main-job (the default, short enough for 25 min "
-                      "on 2 CPU cores) or recipes (the full recipes)")
+  p.add_argument("--tune-seconds", type=POSITIVE, default=None,
+                 help="time budget of the tuned row (default: Settings.tune_seconds)")
   p.add_argument("--out", default=None,
                  help="default checkpoints/survey (checkpoints/survey-quick with --quick)")
   p.add_argument("--overwrite", action="store_true",

@@ -13,11 +13,12 @@ options, model structure and batch shape, and reused across calls.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import statistics
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +78,28 @@ def forward_fn(model: Model, batch: int, options: Options | None = None
                               0, 256).astype(jnp.uint8)
   predict = predictor(options)
   return lambda: predict(model, images)
+
+
+def precompile(models: Mapping[str, Model], batches: Sequence[int],
+               options: Sequence[Options] = ({},), *, workers: int = 2) -> int:
+  """Compiles every model's inference (`forward_fn`) at every batch size with
+  every `options`, `workers` compiles at a time, and runs each once; returns
+  how many (model, batch, options) jobs ran.
+
+  XLA compiles on a single thread, so on a CPU host compiles in parallel
+  threads keep the other cores busy; jit keeps each executable for the later
+  calls of `accuracy`, `round_times` and `fastest_options`.
+
+  Raises:
+    ValueError: `workers` is not positive.
+  """
+  if workers < 1:
+    raise ValueError(f"workers={workers} must be >= 1")
+  jobs = [(m, b, o) for m in models.values() for b in batches for o in options]
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for done in pool.map(lambda job: jax.block_until_ready(forward_fn(*job)()), jobs):
+      del done
+  return len(jobs)
 
 
 def round_robin(fns: Mapping[str, Callable[[], object]], *, rounds: int, calls: int,
@@ -199,9 +222,14 @@ def speeds(models: dict[str, Model], *, timing_batch: int = 256, rounds: int = 5
   side by side in this process (`round_times`: 10 and 2 calls per round).
 
   `choose_options(model, batch)` (e.g. `fastest_options`) picks each model's
-  compiler options per batch size; None: XLA's defaults.
+  compiler options per batch size; None: XLA's defaults. Every executable is
+  compiled ahead in parallel (`precompile`): with a chooser on a CPU backend,
+  one per candidate of `xla_cpu.CANDIDATES` (what `fastest_options` tries).
   """
   choose = choose_options or (lambda model, batch: {})
+  tried = list(xla_cpu.CANDIDATES.values()) if (
+      choose_options is not None and jax.default_backend() == "cpu") else [{}]
+  precompile(models, (1, timing_batch), tried)
   lat_opts = {name: dict(choose(m, 1)) for name, m in models.items()}
   thr_opts = {name: dict(choose(m, timing_batch)) for name, m in models.items()}
   lat = round_times(models, 1, rounds=rounds, calls=10, options=lat_opts)

@@ -42,20 +42,6 @@ TARGETS: dict[str, distill.DistillConfig] = {
 CNN_TEACHER = "cnn-teacher"
 NO_TEACHER = "student (no teacher)"
 
-Schedule = Literal["main-job", "recipes"]
-SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
-# The "main-job" schedule: the epochs of the three trainings from scratch, cut
-# from their recipes' so that `bash run.sh main` stays within 25 minutes from
-# scratch on 2 CPU cores (the recipes' full lengths, 21 ViT-teacher, 6 CNN and
-# 9 student epochs, took about 50 min on the 2-core EPYC of 2026-11-30). Every
-# other row starts from these, so each Δ is still against the survey's own
-# teacher; the "recipes" schedule (`vitjax survey --schedule recipes`) runs the
-# full lengths. Presets without an entry use their recipes either way.
-MAIN_JOB_EPOCHS: dict[str, dict[str, float]] = {
-    "tiny": {"teacher_epochs": 6.0, "cnn_epochs": 2.0, "student_epochs": 4.0},
-}
-EpochsOf = Literal["teacher_epochs", "cnn_epochs", "student_epochs"]
-
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -64,8 +50,8 @@ class Settings:
   Attributes:
     preset: teacher preset ("tiny" on CPU; "s16"/"b16" on GPU/TPU).
     finetune_steps: steps of fine-tuning after pruning, low-rank and QAT.
-    student_epochs: epochs of both student rows; None: `schedule`'s.
-    teacher_epochs: the ViT teacher's epochs; None: `schedule`'s.
+    student_epochs: epochs of both student rows; None: the recipe's.
+    teacher_epochs: the ViT teacher's epochs; None: the recipe's.
     calibration: images for static quantization and the PTQ recipes.
     student_teacher: who teaches the "student" row: "cnn" (the ResNet of
       `recipes.CNN_PRESETS`, DeiT's convnet teacher), "vit" (the survey's
@@ -78,10 +64,7 @@ class Settings:
     student_targets: "hard" (DeiT hard distillation: ce 0.5 + hard 0.5) or
       "hard+soft" (the same plus soft KL 0.5 at T=4), chosen with
       `student_teacher`.
-    cnn_epochs: the CNN teacher's epochs; None: `schedule`'s.
-    schedule: where epochs left None come from: "main-job" (`MAIN_JOB_EPOCHS`,
-      short enough for the 25-min main job) or "recipes" (the full recipes of
-      `vitjax.recipes`).
+    cnn_epochs: the CNN teacher's epochs; None: the recipe's.
     ptq_w6a6, ptq_w4a4: the PTQ recipes (`vitjax.transforms.ptq`) of the W6A6
       and W4A4 rows: the teacher's validation winners in
       experiments/ptq_table.py (2026-11-25).
@@ -105,16 +88,13 @@ class Settings:
   cnn_epochs: float | None = None
   ptq_w6a6: str = "repqvit+gptq"
   ptq_w4a4: str = "repqvit"
-  tune_seconds: float = 60.0
-  tune_evaluations: int = 32
+  tune_seconds: float = 120.0
+  tune_evaluations: int = 48
   train_images: int | None = None
   test_images: int | None = None
   quick: bool = False
-  schedule: Schedule = "main-job"
 
   def __post_init__(self) -> None:
-    if self.schedule not in SCHEDULES:
-      raise ValueError(f"Settings.schedule={self.schedule!r}; choose one of {SCHEDULES}")
     for name in ("train_images", "test_images"):
       value = getattr(self, name)
       if value is not None and value < 1:
@@ -125,14 +105,6 @@ class Settings:
     if self.student_teacher not in STUDENT_TEACHERS:
       raise ValueError(f"Settings.student_teacher={self.student_teacher!r}; choose one of "
                        f"{STUDENT_TEACHERS}")
-
-  def epochs(self, name: EpochsOf) -> float | None:
-    """The epochs of one training from scratch: the field if set, else the
-    schedule's (None: the recipe's)."""
-    given = getattr(self, name)
-    if given is not None or self.schedule == "recipes":
-      return given
-    return MAIN_JOB_EPOCHS.get(self.preset, {}).get(name)
 
   @classmethod
   def quick_mode(cls, preset_name: str = "tiny") -> Settings:
@@ -151,6 +123,8 @@ class Context:
   out: pathlib.Path
   progress: bool = True
   cnn_teacher: Model | None = None
+  # A sentence per row whose figures need one beside the table.
+  notes: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def student_teacher(self) -> Any:
     """The teacher (a Model or an ensemble tuple) of the "student" row."""
@@ -164,7 +138,7 @@ class Context:
     config = recipes.student_config(name, self.teacher.config)
     images = recipes.student_images(name, self.dataset).take(
         slice(0, self.settings.train_images))
-    tcfg = recipes.student_train_config(name, len(images), epochs=self.settings.epochs("student_epochs"))
+    tcfg = recipes.student_train_config(name, len(images), epochs=self.settings.student_epochs)
     return config, images, tcfg
 
   def finetune(self, model: Model, name: str, post_update: Any = None,
@@ -251,9 +225,15 @@ def _tuned(ctx: Context, src: dict[str, Model]) -> Model:
       time_budget_s=ctx.settings.tune_seconds,
       search=search.SearchConfig(population=4 if quick else 12,
                                  evaluations=ctx.settings.tune_evaluations))
-  return tune.tune(src["teacher"], ctx.dataset, tune.Budget(max_drop=1.0),
-                   ctx.out / "tuned" / "search", config, replace_other=True,
-                   progress=ctx.progress).model
+  result = tune.tune(src["teacher"], ctx.dataset, tune.Budget(max_drop=1.0),
+                     ctx.out / "tuned" / "search", config, replace_other=True,
+                     progress=ctx.progress)
+  if not result.feasible:
+    ctx.notes["tuned"] = (
+        f"no policy met the 1 pt validation budget within {ctx.settings.tune_seconds:g} s "
+        f"({result.evaluations} evaluated); the row is the closest one "
+        f"({result.chosen['drop']:.2f} pt validation drop)")
+  return result.model
 
 
 METHODS: list[Method] = [
@@ -369,7 +349,7 @@ def run(settings: Settings, out: str | pathlib.Path = "checkpoints/survey", *,
   images = recipes.teacher_images(settings.preset, dataset).take(
       slice(0, settings.train_images))
   tcfg = recipes.teacher_train_config(settings.preset, len(images),
-                                      epochs=settings.epochs("teacher_epochs"))
+                                      epochs=settings.teacher_epochs)
   seconds: dict[str, float] = {}
   t = time.perf_counter()
   teacher = recipes.train_teacher(teacher_run, config, images, tcfg, progress=progress)
@@ -407,7 +387,8 @@ def run(settings: Settings, out: str | pathlib.Path = "checkpoints/survey", *,
                              evaluate.fastest_options)
   stages.update(1)
   stages.close()
-  results = _results(settings, methods, reports, seconds, time.perf_counter() - started)
+  results = _results(settings, methods, reports, seconds, time.perf_counter() - started,
+                     ctx.notes)
   write(results, out)
   return results
 
@@ -418,13 +399,14 @@ def _cnn_teacher(settings: Settings, dataset: data_lib.Dataset, run_dir: pathlib
   name = recipes.cnn_preset(settings.preset)
   images = recipes.recipe_images(recipes.teacher_recipe(name), dataset).take(
       slice(0, settings.train_images))
-  tcfg = recipes.teacher_train_config(name, len(images), epochs=settings.epochs("cnn_epochs"))
+  tcfg = recipes.teacher_train_config(name, len(images), epochs=settings.cnn_epochs)
   return recipes.train_teacher(run_dir, recipes.model_config(name, dataset), images, tcfg,
                                progress=progress)
 
 
 def _results(settings: Settings, methods: list[Method], reports: dict[str, evaluate.Report],
-             seconds: dict[str, float], total: float) -> dict[str, Any]:
+             seconds: dict[str, float], total: float,
+             notes: dict[str, str]) -> dict[str, Any]:
   ref = reports["teacher"]
   families = {m.name: m.family for m in methods}
   descriptions = {m.name: m.description for m in methods}
@@ -449,10 +431,10 @@ def _results(settings: Settings, methods: list[Method], reports: dict[str, evalu
       "date": datetime.date.today().isoformat(),
       "machine": f"{xla_cpu.cpu_description()}, {jax.default_backend()} "
                  f"({jax.devices()[0].device_kind}), {len(jax.devices())} device(s)",
-      "settings": {**dataclasses.asdict(settings),
-                   **{name: settings.epochs(name) for name in typing.get_args(EpochsOf)}},
+      "settings": dataclasses.asdict(settings),
       "total_seconds": round(total, 1),
       "rows": rows,
+      "notes": notes,
   }
 
 
@@ -482,6 +464,7 @@ def markdown(results: dict[str, Any]) -> str:
             "forward was compiled with the faster XLA CPU option on this machine "
             "(`evaluate.fastest_options`; per row in results.json), except in a "
             "quick run (XLA's defaults)."]
+  lines += [f"\n**Note on {name}:** {note}." for name, note in results.get("notes", {}).items()]
   return "\n".join(lines) + "\n"
 
 

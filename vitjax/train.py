@@ -105,8 +105,9 @@ class TrainConfig:
     log_every: refresh the progress bar metrics every this many steps.
     xla_cpu: how XLA's CPU backend compiles the step (`xla_cpu.CANDIDATES`;
       ignored on GPU/TPU). The same arithmetic either way; "ynn-off" trains
-      the CNN teacher 1.32x faster on this project's 2-core EPYC (5.93 ->
-      7.83 steps/s), the ViT teacher 0.88x as fast (9.86 -> 8.72).
+      the CNN teacher 1.25x faster on this project's 2-core EPYC (6.62 ->
+      8.29 steps/s), the ViT teacher 0.88x as fast (10.52 -> 9.26;
+      benchmarks/train_options.py).
   """
 
   steps: int
