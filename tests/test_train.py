@@ -327,3 +327,7 @@ def test_ynn_off_compiles_the_same_training_arithmetic():
   assert xla_cpu.options_for("ynn-off", "cpu") == {xla_cpu.YNN_FUSION_TYPE: ""}
   assert xla_cpu.options_for("ynn-off", "gpu") is None
   assert xla_cpu.options_for("xla-default", "cpu") is None
+  # A finished model's reuse ignores the kernel choice; a resume does not.
+  off = dataclasses.replace(cfg, xla_cpu="ynn-off")
+  assert off.recipe_dict() == cfg.recipe_dict() and "xla_cpu" not in cfg.recipe_dict()
+  assert off.to_dict() != cfg.to_dict()

@@ -229,7 +229,7 @@ def train_teacher(run_dir: str | pathlib.Path, config: Config,
   """
   run_dir = pathlib.Path(run_dir)
   model_dir = run_dir / MODEL_DIR
-  recipe = {"train": cfg.to_dict(), "seed": seed,
+  recipe = {"train": cfg.recipe_dict(), "seed": seed,
             "data": train.fingerprint(images.images, images.labels)}
   if init is not None:
     if init.config != config:

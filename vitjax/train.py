@@ -162,6 +162,12 @@ class TrainConfig:
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
+  def recipe_dict(self) -> dict[str, Any]:
+    """`to_dict` without the fields that choose kernels, not the computation
+    (`xla_cpu`): what a finished model's reuse is checked against, while a
+    resume checks everything (bit-exactness needs the same kernels)."""
+    return {k: v for k, v in self.to_dict().items() if k != "xla_cpu"}
+
 
 @flax.struct.dataclass
 class TrainState:
