@@ -105,5 +105,8 @@ def test_entry_point_turns_on_the_compile_cache_unless_told_otherwise():
   assert int(env["JAX_COMPILATION_CACHE_MAX_SIZE"]) == 2 * 1024**3
   assert entry.compile_cache_env({"VITJAX_COMPILE_CACHE": "off"}) == {}
   assert entry.compile_cache_env({"JAX_COMPILATION_CACHE_DIR": "/x"}) == {}
+  # A bound the user set is theirs; the directory still comes from vitjax.
+  assert entry.compile_cache_env({"JAX_COMPILATION_CACHE_MAX_SIZE": "5"}) == {
+      "JAX_COMPILATION_CACHE_DIR": env["JAX_COMPILATION_CACHE_DIR"]}
   with pytest.raises(ValueError, match="VITJAX_COMPILE_CACHE='yes'; choose 'on' or 'off'"):
     entry.compile_cache_env({"VITJAX_COMPILE_CACHE": "yes"})

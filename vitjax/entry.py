@@ -35,8 +35,9 @@ CACHE_BYTES = 2 * 1024**3
 
 def compile_cache_env(environ: dict[str, str]) -> dict[str, str]:
   """The JAX settings (environment variables) of the persistent compilation
-  cache for `environ`: empty when VITJAX_COMPILE_CACHE is "off" or the user
-  set JAX_COMPILATION_CACHE_DIR (theirs is kept).
+  cache to add to `environ`: empty when VITJAX_COMPILE_CACHE is "off" or the
+  user set JAX_COMPILATION_CACHE_DIR (theirs is kept); a size bound the user
+  set is kept too. JAX keeps every compile of a second or more (its default).
 
   Raises:
     ValueError: VITJAX_COMPILE_CACHE is neither "on", "off" nor unset.
@@ -46,10 +47,9 @@ def compile_cache_env(environ: dict[str, str]) -> dict[str, str]:
     raise ValueError(f"VITJAX_COMPILE_CACHE={choice!r}; choose 'on' or 'off'")
   if choice == "off" or "JAX_COMPILATION_CACHE_DIR" in environ:
     return {}
-  return {"JAX_COMPILATION_CACHE_DIR": os.path.expanduser(CACHE_DIR),
-          "JAX_COMPILATION_CACHE_MAX_SIZE": str(CACHE_BYTES),
-          # Every compile of a second or more is kept (JAX's default).
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1"}
+  ours = {"JAX_COMPILATION_CACHE_DIR": os.path.expanduser(CACHE_DIR),
+          "JAX_COMPILATION_CACHE_MAX_SIZE": str(CACHE_BYTES)}
+  return {k: v for k, v in ours.items() if k not in environ}
 
 
 def main() -> int:
