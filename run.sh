@@ -33,7 +33,6 @@ install_python() {
   if [ "$have_hash" = "$want" ] && { [ -z "$extras" ] || [ "$have_extras" = "$extras" ]; }; then
     return 0
   fi
-  [ "$have_hash" = "$want" ] && [ -n "$have_extras" ] && extras=$have_extras
   echo "run.sh: installing vitjax${extras:+[$extras]} and its pinned dependencies into .venv" >&2
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -c constraints.txt -e ".${extras:+[$extras]}"
