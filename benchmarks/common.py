@@ -8,15 +8,30 @@ import json
 import pathlib
 import platform
 import statistics
+import time
 from typing import Callable
 
 import jax
+import numpy as np
 
-from vitjax import evaluate, export, recipes
+from vitjax import data as data_lib
+from vitjax import evaluate, export, recipes, train
 from vitjax import model as model_lib
 from vitjax.models.config import PRESETS, preset
 
 Variants = Callable[[model_lib.Model], dict[str, model_lib.Model]]
+
+
+def step_ms(config, split: data_lib.Split, cfg: train.TrainConfig) -> float:
+  """Median ms per step of `train.fit` over steps 20..cfg.steps (compile and
+  warm-up excluded); `cfg.log_every` must be 1."""
+  if cfg.log_every != 1:
+    raise ValueError(f"step_ms times every step: log_every must be 1, got {cfg.log_every}")
+  marks: dict[int, float] = {}
+  train.fit(model_lib.init(config, 0), split, cfg, progress=False,
+            on_step=lambda s, _: marks.setdefault(s, time.perf_counter()))
+  steps = sorted(marks)
+  return float(np.median(np.diff([marks[s] for s in steps if s >= 20]))) * 1e3
 
 
 def _spread(ref: list[float], other: list[float]) -> tuple[float, float]:

@@ -15,30 +15,20 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 from vitjax import entry
 
 # Split the CPU into host devices as `vitjax train` does (before JAX starts).
 os.environ.setdefault("XLA_FLAGS", entry.cpu_device_flag(os.cpu_count()))
 
+import common  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vitjax import data as data_lib  # noqa: E402
-from vitjax import model as model_lib  # noqa: E402
 from vitjax import train  # noqa: E402
 from vitjax.models.config import preset  # noqa: E402
 
 DROPOUTS = (0.0, 0.5, 0.625)
-
-
-def step_ms(config, split: data_lib.Split, cfg: train.TrainConfig) -> float:
-  """Median ms per step over steps 20..cfg.steps (compile and warm-up excluded)."""
-  marks: dict[int, float] = {}
-  train.fit(model_lib.init(config, 0), split, cfg, progress=False,
-            on_step=lambda s, _: marks.setdefault(s, time.perf_counter()))
-  steps = sorted(marks)
-  return float(np.median(np.diff([marks[s] for s in steps if s >= 20]))) * 1e3
 
 
 def main() -> None:
@@ -60,7 +50,7 @@ def main() -> None:
     for p in DROPOUTS:
       cfg = train.TrainConfig(steps=args.steps, batch_size=args.batch_size,
                               warmup_steps=0, patch_dropout=p, log_every=1)
-      times[p].append(step_ms(config, split, cfg))
+      times[p].append(common.step_ms(config, split, cfg))
   full = statistics.median(times[0.0])
   print(f"{args.preset}, batch {args.batch_size}, {config.num_patches} patch tokens, "
         f"median of {args.rounds} rounds")

@@ -2,8 +2,9 @@
 option (`TrainConfig.xla_cpu`): XLA's default YNNPACK fusions, or off.
 
 Each (teacher, option) trains its recipe's first steps on Fashion-MNIST in
-this process; the rate is measured after the first log interval (compile
-excluded). Rounds alternate the options' order.
+this process, with the CPU split into host devices as `vitjax train` does;
+the rate is the median step time after step 20 (`common.step_ms`). Rounds
+alternate the options' order.
 
 usage: python benchmarks/train_options.py [--steps N] [--rounds R] [--out FILE]
 """
@@ -13,15 +14,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import statistics
-import time
 
-import jax
+from vitjax import entry
 
-from vitjax import data as data_lib
-from vitjax import model as model_lib
-from vitjax import recipes, train, xla_cpu
+# Split the CPU into host devices as `vitjax train` does (before JAX starts).
+os.environ.setdefault("XLA_FLAGS", entry.cpu_device_flag(os.cpu_count()))
+
+import common  # noqa: E402
+import jax  # noqa: E402
+
+from vitjax import data as data_lib  # noqa: E402
+from vitjax import recipes, xla_cpu  # noqa: E402
 
 TEACHERS = {"vit teacher": "tiny", "cnn teacher": "tiny-cnn"}
 
@@ -29,12 +35,8 @@ TEACHERS = {"vit teacher": "tiny", "cnn teacher": "tiny-cnn"}
 def steps_per_second(preset: str, dataset: data_lib.Dataset, steps: int, option: str) -> float:
   images = recipes.teacher_images(preset, dataset)
   cfg = dataclasses.replace(recipes.teacher_train_config(preset, len(images), steps=steps),
-                            log_every=10, xla_cpu=option)
-  marks: list[tuple[int, float]] = []
-  train.fit(model_lib.init(recipes.model_config(preset, dataset), 0), images, cfg,
-            progress=False, on_step=lambda s, _: marks.append((s, time.perf_counter())))
-  (s0, t0), (s1, t1) = marks[0], marks[-1]
-  return (s1 - s0) / (t1 - t0)
+                            log_every=1, xla_cpu=option)
+  return 1e3 / common.step_ms(recipes.model_config(preset, dataset), images, cfg)
 
 
 def main() -> None:

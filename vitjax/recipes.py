@@ -46,7 +46,7 @@ TEACHER_RECIPES: dict[str, dict[str, Any]] = {
 # distillation recipes that use it are chosen on unseen images). Crops and
 # flips; XLA's CPU convolutions make an epoch ~2.5x a ViT-teacher epoch here,
 # so the schedule is short (experiments/distill_cnn_teacher.py). Its step
-# compiles with YNNPACK fusions off: 1.25x faster on the 2-core EPYC, same
+# compiles with YNNPACK fusions off: 1.26x faster on the 2-core EPYC, same
 # arithmetic (see TrainConfig.xla_cpu, benchmarks/train_options.py).
 CNN_PRESETS = {"tiny": "tiny-cnn"}
 CNN_TEACHER_RECIPES: dict[str, dict[str, Any]] = {

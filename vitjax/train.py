@@ -105,8 +105,8 @@ class TrainConfig:
     log_every: refresh the progress bar metrics every this many steps.
     xla_cpu: how XLA's CPU backend compiles the step (`xla_cpu.CANDIDATES`;
       ignored on GPU/TPU). The same arithmetic either way; "ynn-off" trains
-      the CNN teacher 1.25x faster on this project's 2-core EPYC (6.62 ->
-      8.29 steps/s), the ViT teacher 0.88x as fast (10.52 -> 9.26;
+      the CNN teacher 1.26x faster on this project's 2-core EPYC (6.38 ->
+      8.06 steps/s), the ViT teacher 0.93x as fast (10.04 -> 9.35;
       benchmarks/train_options.py).
   """
 
