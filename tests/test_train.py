@@ -327,6 +327,9 @@ def test_ynn_off_compiles_the_same_training_arithmetic():
   assert xla_cpu.options_for("ynn-off", "cpu") == {xla_cpu.YNN_FUSION_TYPE: ""}
   assert xla_cpu.options_for("ynn-off", "gpu") is None
   assert xla_cpu.options_for("xla-default", "cpu") is None
+  with pytest.raises(ValueError, match=r"XLA CPU candidate 'fast' is unknown; choose one of "
+                                       r"\('xla-default', 'ynn-off'\)"):
+    xla_cpu.options_for("fast", "gpu")
   # A finished model's reuse ignores the kernel choice; a resume does not.
   off = dataclasses.replace(cfg, xla_cpu="ynn-off")
   assert off.recipe_dict() == cfg.recipe_dict() and "xla_cpu" not in cfg.recipe_dict()
