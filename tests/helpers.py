@@ -39,13 +39,9 @@ def synthetic_dataset(n_train: int = 512, n_test: int = 128,
 def noisy_model(config: ViTConfig = TINY, seed: int = 0, scale: float = 0.3):
   """A model whose every weight is non-trivial (the init zeroes the head and
   biases): the init plus Gaussian noise of std `scale`."""
-  import jax
   from vitjax import model as model_lib
   m = model_lib.init(config, seed)
-  flat, treedef = jax.tree_util.tree_flatten(m.params)
-  keys = jax.random.split(jax.random.PRNGKey(seed + 1000), len(flat))
-  return m.replace(params=jax.tree_util.tree_unflatten(
-      treedef, [a + scale * jax.random.normal(k, a.shape) for a, k in zip(flat, keys)]))
+  return m.replace(params=with_noise(m.params, seed + 1000, scale))
 
 
 def fashion_available() -> bool:
@@ -89,17 +85,19 @@ def multiprocess_run_setup():
   from vitjax.models.cnn import CNNConfig
   teacher = model_lib.init(CNNConfig(image_size=8, channels=1, num_classes=4, widths=(8, 16),
                                      blocks=(1, 1), groups=4), 1)
-  teacher = teacher.replace(params=jax_noise(teacher.params, 3))
+  teacher = teacher.replace(params=with_noise(teacher.params, 3))
   student = model_lib.init(TINY.replace(dim=8, num_heads=2, mlp_dim=16, distilled=True), 2)
   cfg = train.TrainConfig(steps=6, batch_size=16, warmup_steps=1, fsdp=True,
                           checkpoint_every=2, log_every=1)
   return teacher, student, synthetic_split(64), cfg, distill.DistillConfig(ce=0.5, hard=0.5)
 
 
-def jax_noise(params, seed: int, scale: float = 0.3):
-  """`params` plus Gaussian noise of std `scale` (non-trivial weights)."""
+def with_noise(params, seed: int, scale: float = 0.3):
+  """`params` plus Gaussian noise of std `scale` (non-trivial weights), drawn
+  by NumPy: `jax.random.normal` would compile a program per leaf shape."""
   import jax
-  flat, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(flat))
-  return jax.tree_util.tree_unflatten(
-      treedef, [a + scale * jax.random.normal(k, a.shape) for a, k in zip(flat, keys)])
+  import jax.numpy as jnp
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda a: jnp.asarray(np.asarray(a) + scale * rng.standard_normal(a.shape),
+                            np.float32), params)

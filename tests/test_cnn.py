@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import jax_noise, synthetic_split
+from helpers import with_noise, synthetic_split
 from vitjax import export, train
 from vitjax import model as model_lib
 from vitjax.models.arch import config_from_dict
@@ -20,7 +20,7 @@ CFG = CNNConfig(image_size=8, channels=1, num_classes=4, widths=(8, 16), blocks=
 
 def _noisy(cfg=CFG, seed=0):
   m = model_lib.init(cfg, seed)
-  return m.replace(params=jax_noise(m.params, seed + 7))
+  return m.replace(params=with_noise(m.params, seed + 7))
 
 
 def _torch_forward(params, cfg, images):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import TINY, assert_params_close, jax_noise, noisy_model, synthetic_split
+from helpers import TINY, assert_params_close, with_noise, noisy_model, synthetic_split
 from vitjax.models.cnn import CNNConfig
 from vitjax.models.inputs import preprocess
 from vitjax import data as data_lib
@@ -251,7 +251,7 @@ CNN_TEACHER = CNNConfig(image_size=8, channels=1, num_classes=4, widths=(8, 16),
 
 def _cnn_teacher(seed=1):
   m = model_lib.init(CNN_TEACHER, seed)
-  return m.replace(params=jax_noise(m.params, seed + 11))
+  return m.replace(params=with_noise(m.params, seed + 11))
 
 
 def test_cnn_and_ensemble_teachers_by_hand(tmp_path):
