@@ -10,15 +10,17 @@ import pytest
 from PIL import Image
 
 from helpers import TINY, synthetic_split
-from vitjax import sharding, streaming, train
+from vitjax import cli, evaluate, export, sharding, streaming, train
 from vitjax import model as model_lib
-from vitjax.data import DatasetError
+from vitjax.data import DatasetError, Split
+from vitjax.models import config as config_lib
 
 
-def write_folder(root: pathlib.Path, n: int = 48, size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def write_folder(root: pathlib.Path, n: int = 48, size: int = 8,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Writes synthetic images as PNGs in root/class_k/; returns (images, labels)
   in the folder's sorted file order."""
-  split = synthetic_split(n)
+  split = synthetic_split(n, seed=seed)
   order = []
   for i, (img, label) in enumerate(zip(split.images, split.labels)):
     d = root / f"class_{label}"
@@ -146,3 +148,47 @@ def test_distilling_from_a_stream_with_a_cnn_teacher(tmp_path):
   assert trained.config == student.config
   with pytest.raises(ValueError, match="offline teacher cache covers an in-memory"):
     distill.cached_teacher(teacher, stream, cfg, tmp_path / "c.npz", progress=False)
+
+
+def test_cli_trains_on_a_streamed_folder_and_scores_its_test_folder(tmp_path, monkeypatch,
+                                                                    capsys):
+  monkeypatch.setitem(config_lib.PRESETS, "tiny", TINY)
+  root, out = tmp_path / "data", tmp_path / "run"
+  train_images, _ = write_folder(root / "train", n=512)
+  test_images, test_labels = write_folder(root / "test", n=100, seed=1)
+  run = ["train", "--image-folder", str(root), "--steps", "300", "--batch-size", "32",
+         "--patch-dropout", "0", "--lr", "5e-3",
+         "--read-threads", "2", "--out", str(out)]
+  assert cli.main(run) == 0
+  text = capsys.readouterr().out
+  assert "indexed 512 training and 100 test images of 4 classes" in text
+  model = export.load_model(out / "model")
+  # Normalized by the folder's own training pixels, not Fashion-MNIST's constants.
+  x = train_images.astype(np.float64) / 255
+  np.testing.assert_allclose(model.config.pixel_mean, [x.mean()], rtol=1e-6)
+  np.testing.assert_allclose(model.config.pixel_std, [x.std()], rtol=1e-5)
+  # The printed top-1 is the saved model's on the test images, scored here in RAM
+  # from the arrays the PNGs were written from (100 images: not one batch of 256).
+  printed = float(text.split("teacher [test]: top-1 ")[1].split("%")[0])
+  want = evaluate.accuracy(model, Split(test_images, test_labels), batch_size=64) * 100
+  assert printed == pytest.approx(want, abs=0.005) and want > 60
+  # A rerun reuses the finished run of the same folder.
+  assert cli.main(run) == 0
+  assert "reusing the finished run" in capsys.readouterr().out
+
+
+def test_cli_image_folder_refusals_name_the_flag_or_folder(tmp_path, capsys):
+  root = tmp_path / "data"
+  write_folder(root / "train", n=48)
+  write_folder(root / "test", n=8, seed=1)
+  (root / "test" / "class_0").rename(root / "test" / "other")
+  base = ["train", "--out", str(tmp_path / "run")]
+  assert cli.main([*base, "--image-folder", str(root)]) == 2
+  assert "both need the same class directories" in capsys.readouterr().err
+  assert cli.main([*base, "--image-folder", str(root), "--dataset", "npz"]) == 2
+  assert "--dataset picks in-RAM data instead" in capsys.readouterr().err
+  assert cli.main([*base, "--image-size", "8"]) == 2
+  assert "--image-size applies to --image-folder data only" in capsys.readouterr().err
+  assert cli.main([*base, "--image-folder", str(tmp_path / "missing")]) == 2
+  assert "does not exist" in capsys.readouterr().err
+  assert not (tmp_path / "run").exists()  # nothing written by a refused run

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from vitjax import data as data_lib
-from vitjax import distill, evaluate, export, plots, recipes, sharding, stablehlo, survey, train
+from vitjax import (distill, evaluate, export, plots, recipes, sharding, stablehlo,
+                    streaming, survey, train)
 from vitjax import model as model_lib
 from vitjax.models import adapt, convert
 from vitjax.models.arch import ARCHS
@@ -124,23 +125,93 @@ def remove_run(out: pathlib.Path, entries: set[str], what: str) -> None:
     shutil.rmtree(out)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+@dataclasses.dataclass(frozen=True)
+class TrainData:
+  """What `vitjax train` trains on and scores: in RAM (`--dataset`) or
+  streamed from an image folder (`--image-folder`)."""
+
+  train: data_lib.Split | streaming.Stream
+  test: evaluate.Scored
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  pixel_mean: tuple[float, ...]
+  pixel_std: tuple[float, ...]
+
+
+FOLDER_ONLY = ("image_size", "skip_unreadable", "read_threads")
+
+
+def _folder_data(args: argparse.Namespace) -> TrainData:
+  """`--image-folder DIR`: DIR/train and DIR/test indexed (nothing decoded
+  yet), the same classes in both, and the pixel statistics of DIR/train.
+
+  Raises:
+    ValueError: in-RAM data flags beside it.
+    DatasetError: a missing split, an empty class, an unreadable image
+      (without --skip-unreadable), mixed sizes (without --image-size), or
+      classes that differ between DIR/train and DIR/test.
+  """
+  clash = [flag for flag, used in (("--dataset", args.dataset != "fashion_mnist"),
+                                   ("--data-dir", args.data_dir is not None),
+                                   ("--num-classes", args.num_classes is not None),
+                                   ("--hold-out-validation", args.hold_out_validation))
+           if used]
+  if clash:
+    raise ValueError(f"--image-folder streams DIR/train and scores DIR/test; {clash[0]} "
+                     "picks in-RAM data instead (give one or the other)")
+  root = pathlib.Path(args.image_folder)
+  unreadable = "skip" if args.skip_unreadable else "error"
+  train_src = streaming.scan_folder(root / "train", image_size=args.image_size,
+                                    on_unreadable=unreadable)
+  test_src = streaming.scan_folder(root / "test", image_size=train_src.image_size,
+                                   channels=train_src.channels, on_unreadable=unreadable)
+  if test_src.classes != train_src.classes:
+    raise data_lib.DatasetError(
+        f"{root / 'test'} has classes {list(test_src.classes)[:8]}, {root / 'train'} "
+        f"{list(train_src.classes)[:8]}; both need the same class directories")
+  for src in (train_src, test_src):
+    if src.skipped:
+      print(f"skipped {len(src.skipped)} unreadable files of {src.root} "
+            f"(e.g. {src.skipped[0]})")
+  print(f"indexed {len(train_src)} training and {len(test_src)} test images of "
+        f"{len(train_src.classes)} classes in {root}; computing the training images' "
+        "pixel statistics")
+  mean, std = streaming.folder_statistics(train_src)
+  threads = args.read_threads or 4
+  return TrainData(streaming.Stream(train_src, num_threads=threads), test_src,
+                   len(train_src.classes), train_src.image_shape, mean, std)
+
+
+def _ram_data(args: argparse.Namespace, recipe: dict) -> TrainData:
+  for name in FOLDER_ONLY:
+    if getattr(args, name):
+      raise ValueError(f"--{name.replace('_', '-')} applies to --image-folder data only")
   dataset = _load_data(args)
+  images = recipes.recipe_images(recipe, dataset,
+                                 hold_out_validation=args.hold_out_validation)
+  return TrainData(images, dataset.test, dataset.num_classes, dataset.image_shape,
+                   dataset.pixel_mean, dataset.pixel_std)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
   init = export.load_model(recipes.model_dir_of(args.init)) if args.init else None
   if init is not None:
-    config = init.config
-    if config.num_classes != dataset.num_classes:
-      raise ValueError(f"--init {args.init} has {config.num_classes} classes, the data "
-                       f"{dataset.num_classes}; give it a new head first (vitjax import "
-                       f"... --num-classes {dataset.num_classes})")
     recipe = recipes.TRANSFER_RECIPE
   else:
     name = recipes.cnn_preset(args.preset) if args.arch == "cnn" else args.preset
-    config = recipes.model_config(name, dataset)
     recipe = recipes.teacher_recipe(name)
-  _check_data(dataset, config)
-  images = recipes.recipe_images(recipe, dataset,
-                                 hold_out_validation=args.hold_out_validation)
+  data = _folder_data(args) if args.image_folder else _ram_data(args, recipe)
+  if init is not None:
+    config = init.config
+    if config.num_classes != data.num_classes:
+      raise ValueError(f"--init {args.init} has {config.num_classes} classes, the data "
+                       f"{data.num_classes}; give it a new head first (vitjax import "
+                       f"... --num-classes {data.num_classes})")
+  else:
+    config = recipes.fitted_config(name, data.num_classes, data.image_shape[-1],
+                                   data.pixel_mean, data.pixel_std)
+  _check_shape(data.image_shape, data.num_classes, config)
+  images = data.train
   cfg = recipes.train_config(
       recipe, len(images), epochs=args.epochs, steps=args.steps,
       batch_size=args.batch_size, learning_rate=args.lr, patch_dropout=args.patch_dropout,
@@ -166,7 +237,7 @@ def cmd_train(args: argparse.Namespace) -> int:
   start = time.perf_counter()
   model = recipes.train_teacher(run_dir, config, images, cfg, seed=args.seed, init=init)
   print(f"took {time.perf_counter() - start:.0f} s")
-  r = evaluate.report(model, dataset.test, disk_bytes=export.disk_bytes(model_dir),
+  r = evaluate.report(model, data.test, disk_bytes=export.disk_bytes(model_dir),
                       choose_options=evaluate.fastest_options)
   print(evaluate.format_report("teacher [test]", r))
   return 0
@@ -220,8 +291,12 @@ def _compare_and_print(models: dict, dataset: data_lib.Dataset, disk: dict[str, 
 
 def _check_data(dataset: data_lib.Dataset, config) -> None:
   """`check_compatible`, and a printed line for each thing done to the images."""
-  data_lib.check_compatible(dataset.image_shape, dataset.num_classes, config)
-  h, _, c = dataset.image_shape
+  _check_shape(dataset.image_shape, dataset.num_classes, config)
+
+
+def _check_shape(image_shape: tuple[int, int, int], num_classes: int, config) -> None:
+  data_lib.check_compatible(image_shape, num_classes, config)
+  h, _, c = image_shape
   if h != config.image_size:
     print(f"note: the {h}x{h} images are resized (bilinear) to the model's "
           f"{config.image_size}x{config.image_size}")
@@ -649,6 +724,20 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true",
                  help="delete an earlier run in --out (finished or not) and train anew")
   _add_data_args(p)
+  p.add_argument("--image-folder", default=None, metavar="DIR",
+                 help="stream the training images from DIR/train/<class>/*.png|jpg|jpeg "
+                      "and score on DIR/test/<class>/..., decoding batch by batch "
+                      "(vitjax.streaming, grain) instead of loading --dataset into RAM; "
+                      "the pixel statistics come from DIR/train; a rerun resumes with "
+                      "the exact batches")
+  p.add_argument("--image-size", type=POSITIVE_INT, default=None,
+                 help="with --image-folder: resize every image to this square side "
+                      "(default: the images' own size, which must be one square size)")
+  p.add_argument("--skip-unreadable", action="store_true",
+                 help="with --image-folder: leave out (and list) files that are not "
+                      "readable images instead of refusing the folder")
+  p.add_argument("--read-threads", type=POSITIVE_INT, default=None,
+                 help="with --image-folder: grain decoding threads (default 4)")
   p.set_defaults(func=cmd_train)
 
   p = sub.add_parser("eval", help="measure a saved model")

@@ -26,7 +26,7 @@ import numpy as np
 
 from vitjax import data as data_lib
 from vitjax import model as model_lib
-from vitjax import xla_cpu
+from vitjax import streaming, xla_cpu
 from vitjax.model import Model
 from vitjax.models.inputs import preprocess
 
@@ -49,19 +49,31 @@ def predictor(options: Options | None = None) -> Callable[[Model, jax.Array], ja
   return _predictor(tuple(sorted((options or {}).items())))
 
 
-def predictions(model: Model, split: data_lib.Split, batch_size: int = 256,
+# Images to score: a split in RAM, or an image folder decoded batch by batch.
+Scored = data_lib.Split | streaming.ImageFolder
+
+
+def _batches(split: Scored, batch_size: int):
+  if isinstance(split, streaming.ImageFolder):
+    return streaming.eval_batches(split, batch_size)
+  return data_lib.eval_batches(split, batch_size)
+
+
+def predictions(model: Model, split: Scored, batch_size: int = 256,
                 options: Options | None = None) -> np.ndarray:
-  """Predicted class of every image of `split`, in order."""
+  """Predicted class of every image of `split` (in RAM, or an image folder
+  streamed from disk), in order."""
   predict = predictor(options)
   out = []
-  for images, _, n in data_lib.eval_batches(split, batch_size):
+  for images, _, n in _batches(split, batch_size):
     out.append(np.asarray(predict(model, images))[:n])
   return np.concatenate(out)
 
 
-def accuracy(model: Model, split: data_lib.Split, batch_size: int = 256,
+def accuracy(model: Model, split: Scored, batch_size: int = 256,
              options: Options | None = None) -> float:
-  """Top-1 accuracy of `model` on `split`, in [0, 1]."""
+  """Top-1 accuracy of `model` on `split` (in RAM or a streamed image
+  folder), in [0, 1]."""
   return float((predictions(model, split, batch_size, options) == split.labels).mean())
 
 
@@ -238,7 +250,7 @@ def speeds(models: dict[str, Model], *, timing_batch: int = 256, rounds: int = 5
                       thr_opts[name]) for name in models}
 
 
-def compare(models: dict[str, Model], split: data_lib.Split, *,
+def compare(models: dict[str, Model], split: Scored, *,
             disk_bytes: dict[str, int] | None = None, timing_batch: int = 256,
             rounds: int = 5, choose_options: ChooseOptions | None = None
             ) -> dict[str, Report]:
@@ -263,7 +275,7 @@ def compare(models: dict[str, Model], split: data_lib.Split, *,
   return reports
 
 
-def report(model: Model, split: data_lib.Split, *, disk_bytes: int | None = None,
+def report(model: Model, split: Scored, *, disk_bytes: int | None = None,
            timing_batch: int = 256, choose_options: ChooseOptions | None = None
            ) -> Report:
   """`compare` for one model."""

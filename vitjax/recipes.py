@@ -13,7 +13,7 @@ from typing import Any
 from vitjax import data as data_lib
 from vitjax import export
 from vitjax import model as model_lib
-from vitjax import train
+from vitjax import streaming, train
 from vitjax.model import Model
 from vitjax.models.arch import Config
 from vitjax.models.cnn import CNN_PRESETS as CNN_PRESETS_BY_NAME
@@ -82,14 +82,21 @@ def model_config(preset_name: str, dataset: data_lib.Dataset) -> Config:
   """The preset's config (a ViT preset, or a CNN one of `cnn.CNN_PRESETS`)
   fitted to the data: its classes, its pixel statistics, and its channels (a
   1-channel dataset may feed a 3-channel preset)."""
+  return fitted_config(preset_name, dataset.num_classes, dataset.image_shape[-1],
+                       dataset.pixel_mean, dataset.pixel_std)
+
+
+def fitted_config(preset_name: str, num_classes: int, channels: int,
+                  pixel_mean: tuple[float, ...], pixel_std: tuple[float, ...]) -> Config:
+  """`model_config` from the data's figures alone (e.g. a streamed image
+  folder's classes, channels and `streaming.folder_statistics`)."""
   if preset_name in CNN_PRESETS_BY_NAME:
-    cfg = CNN_PRESETS_BY_NAME[preset_name].replace(num_classes=dataset.num_classes)
+    cfg = CNN_PRESETS_BY_NAME[preset_name].replace(num_classes=num_classes)
   else:
-    cfg = preset(preset_name, num_classes=dataset.num_classes)
-  channels = dataset.image_shape[-1]
+    cfg = preset(preset_name, num_classes=num_classes)
   if channels != cfg.channels and channels != 1:
     cfg = cfg.replace(channels=channels)
-  return cfg.replace(pixel_mean=dataset.pixel_mean, pixel_std=dataset.pixel_std)
+  return cfg.replace(pixel_mean=pixel_mean, pixel_std=pixel_std)
 
 
 def student_config(student_preset: str, teacher: Config) -> ViTConfig:
@@ -214,10 +221,11 @@ def finetune(model: Model, split: data_lib.Split, steps: int, workdir: str | pat
 
 
 def train_teacher(run_dir: str | pathlib.Path, config: Config,
-                  images: data_lib.Split, cfg: train.TrainConfig, *,
+                  images: data_lib.Split | streaming.Stream, cfg: train.TrainConfig, *,
                   seed: int = 0, progress: bool = True, init: Model | None = None) -> Model:
   """Returns the trained model of `run_dir`, training (or resuming) it on
-  `images` if needed, from `init` (e.g. an imported model) or a random init.
+  `images` (in RAM, or streamed from an image folder) if needed, from `init`
+  (e.g. an imported model) or a random init.
 
   A finished `run_dir/model` is reused only when it was trained with the same
   config, training settings, initial seed or weights, and images (recorded in
@@ -230,7 +238,8 @@ def train_teacher(run_dir: str | pathlib.Path, config: Config,
   run_dir = pathlib.Path(run_dir)
   model_dir = run_dir / MODEL_DIR
   recipe = {"train": cfg.recipe_dict(), "seed": seed,
-            "data": train.fingerprint(images.images, images.labels)}
+            "data": images.fingerprint() if isinstance(images, streaming.Stream) else
+                    train.fingerprint(images.images, images.labels)}
   if init is not None:
     if init.config != config:
       raise ValueError("init's config differs from the run's config")
