@@ -455,14 +455,20 @@ def eval_batches(split: Split, batch_size: int
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
   """In-order batches padded to `batch_size`; yields (images, labels, n_valid)."""
   for start in range(0, len(split), batch_size):
-    images = split.images[start:start + batch_size]
-    labels = split.labels[start:start + batch_size]
-    n = len(labels)
-    if n < batch_size:
-      pad = batch_size - n
-      images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
-      labels = np.concatenate([labels, np.repeat(labels[-1:], pad, 0)])
-    yield images, labels, n
+    yield padded(split.images[start:start + batch_size],
+                 split.labels[start:start + batch_size], batch_size)
+
+
+def padded(images: np.ndarray, labels: np.ndarray, batch_size: int
+           ) -> tuple[np.ndarray, np.ndarray, int]:
+  """(images, labels, n_valid): a batch of n_valid <= batch_size examples with its
+  last example repeated up to `batch_size` (one executable for every batch)."""
+  n = len(labels)
+  if n < batch_size:
+    pad = batch_size - n
+    images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
+    labels = np.concatenate([labels, np.repeat(labels[-1:], pad, 0)])
+  return images, labels, n
 
 
 # ----------------------------------------------------- on-device transforms

@@ -30,7 +30,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from vitjax.data import DatasetError
+from vitjax.data import DatasetError, padded
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 OnUnreadable = Literal["error", "skip"]
@@ -294,10 +294,4 @@ def eval_batches(source: ImageFolder, batch_size: int, *, num_threads: int = 4
   batches = grain.MapDataset.source(source).batch(batch_size).to_iter_dataset(
       grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads))
   for batch in batches:
-    images, labels = batch["image"], batch["label"]
-    n = len(labels)
-    if n < batch_size:
-      pad = batch_size - n
-      images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
-      labels = np.concatenate([labels, np.repeat(labels[-1:], pad, 0)])
-    yield images, labels, n
+    yield padded(batch["image"], batch["label"], batch_size)
