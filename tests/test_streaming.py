@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import TINY, synthetic_split
+from helpers import MINI_STUDENT, TINY, synthetic_split
 from vitjax import cli, evaluate, export, sharding, streaming, train
 from vitjax import model as model_lib
 from vitjax.data import DatasetError, Split
@@ -175,6 +175,21 @@ def test_cli_trains_on_a_streamed_folder_and_scores_its_test_folder(tmp_path, mo
   # A rerun reuses the finished run of the same folder.
   assert cli.main(run) == 0
   assert "reusing the finished run" in capsys.readouterr().out
+  # A student distilled from that teacher on the same stream; its printed row
+  # is the saved student's accuracy on the test images in RAM.
+  monkeypatch.setitem(config_lib.PRESETS, "tiny-student", MINI_STUDENT)
+  student = ["distill", "--teacher", str(out), "--image-folder", str(root), "--steps", "40",
+             "--batch-size", "32", "--read-threads", "2", "--out", str(tmp_path / "student")]
+  assert cli.main(student) == 0
+  text = capsys.readouterr().out
+  row = next(line for line in text.splitlines() if line.startswith("| student (distilled) |"))
+  saved = export.load_model(tmp_path / "student" / "model")
+  assert saved.config.pixel_mean == model.config.pixel_mean  # the teacher's statistics
+  want = evaluate.accuracy(saved, Split(test_images, test_labels), batch_size=64) * 100
+  assert float(row.split("|")[2]) == pytest.approx(want, abs=0.005)
+  # The offline cache needs the images in RAM: refused by name.
+  assert cli.main([*student[:-1], str(tmp_path / "offline"), "--offline", "3"]) == 2
+  assert "--offline 3 caches the teacher's logits" in capsys.readouterr().err
 
 
 def test_cli_image_folder_refusals_name_the_flag_or_folder(tmp_path, capsys):

@@ -75,6 +75,24 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                       "when some class below it has no example)")
 
 
+def _add_folder_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--image-folder", default=None, metavar="DIR",
+                 help="stream the training images from DIR/train/<class>/*.png|jpg|jpeg "
+                      "and score on DIR/test/<class>/..., decoding batch by batch "
+                      "(vitjax.streaming, grain) instead of loading --dataset into RAM; "
+                      "a trained model is normalized by DIR/train's pixel statistics "
+                      "(a student by its teacher's); a rerun resumes with the exact "
+                      "batches")
+  p.add_argument("--image-size", type=POSITIVE_INT, default=None,
+                 help="with --image-folder: resize every image to this square side "
+                      "(default: the images' own size, which must be one square size)")
+  p.add_argument("--skip-unreadable", action="store_true",
+                 help="with --image-folder: leave out (and list) files that are not "
+                      "readable images instead of refusing the folder")
+  p.add_argument("--read-threads", type=POSITIVE_INT, default=None,
+                 help="with --image-folder: grain decoding threads (default 4)")
+
+
 def _add_compress_args(p: argparse.ArgumentParser, exclude: Sequence[str],
                        default_out: str) -> None:
   p.add_argument("--exclude", nargs="*", default=exclude,
@@ -134,16 +152,17 @@ class TrainData:
   test: evaluate.Scored
   num_classes: int
   image_shape: tuple[int, int, int]
-  pixel_mean: tuple[float, ...]
+  pixel_mean: tuple[float, ...]  # () when not computed
   pixel_std: tuple[float, ...]
 
 
 FOLDER_ONLY = ("image_size", "skip_unreadable", "read_threads")
 
 
-def _folder_data(args: argparse.Namespace) -> TrainData:
+def _folder_data(args: argparse.Namespace, statistics: bool = True) -> TrainData:
   """`--image-folder DIR`: DIR/train and DIR/test indexed (nothing decoded
-  yet), the same classes in both, and the pixel statistics of DIR/train.
+  yet), the same classes in both, and (with `statistics`; a student takes its
+  teacher's instead) the pixel statistics of DIR/train.
 
   Raises:
     ValueError: in-RAM data flags beside it.
@@ -174,9 +193,11 @@ def _folder_data(args: argparse.Namespace) -> TrainData:
       print(f"skipped {len(src.skipped)} unreadable files of {src.root} "
             f"(e.g. {src.skipped[0]})")
   print(f"indexed {len(train_src)} training and {len(test_src)} test images of "
-        f"{len(train_src.classes)} classes in {root}; computing the training images' "
-        "pixel statistics")
-  mean, std = streaming.folder_statistics(train_src)
+        f"{len(train_src.classes)} classes in {root}")
+  mean = std = ()
+  if statistics:
+    print("computing the training images' pixel statistics")
+    mean, std = streaming.folder_statistics(train_src)
   threads = args.read_threads or 4
   return TrainData(streaming.Stream(train_src, num_threads=threads), test_src,
                    len(train_src.classes), train_src.image_shape, mean, std)
@@ -279,9 +300,9 @@ def quantizer(method: str, dataset: data_lib.Dataset, *, calib: int, calibrator:
   raise ValueError(f"--method {method!r}; choose one of {QUANT_METHODS}")
 
 
-def _compare_and_print(models: dict, dataset: data_lib.Dataset, disk: dict[str, int],
+def _compare_and_print(models: dict, test: evaluate.Scored, disk: dict[str, int],
                        reference: str) -> dict[str, evaluate.Report]:
-  reports = evaluate.compare(models, dataset.test, disk_bytes=disk,
+  reports = evaluate.compare(models, test, disk_bytes=disk,
                              choose_options=evaluate.fastest_options)
   print(evaluate.format_table(reports, reference))
   for note in evaluate.speed_notes(reports, reference):
@@ -357,7 +378,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                            metadata={"transform": name, "source": str(model_dir),
                                      "settings": vars_json(args)})
   print(f"wrote {out}")
-  _compare_and_print({"fp32": model, name: quantized}, dataset,
+  _compare_and_print({"fp32": model, name: quantized}, dataset.test,
                      {"fp32": export.disk_bytes(model_dir), name: disk}, "fp32")
   return 0
 
@@ -379,7 +400,7 @@ def _save_and_compare(source_dir: pathlib.Path, source, result, name: str,
   model_dir = out / recipes.MODEL_DIR
   disk = export.save_model(result, model_dir, overwrite=overwrite, metadata=metadata)
   print(f"wrote {model_dir}")
-  _compare_and_print({"source": source, name: result}, dataset,
+  _compare_and_print({"source": source, name: result}, dataset.test,
                      {"source": export.disk_bytes(source_dir), name: disk}, "source")
 
 
@@ -437,15 +458,21 @@ def cmd_distill(args: argparse.Namespace) -> int:
   members = tuple(export.load_model(d) for d in teacher_dirs)
   teacher = members[0] if len(members) == 1 else members
   teacher_dir = teacher_dirs[0]
-  dataset = _load_data(args)
+  if args.image_folder:
+    if args.offline:
+      raise ValueError(f"--offline {args.offline} caches the teacher's logits of images "
+                       "held in RAM; a --image-folder stream is distilled from the online "
+                       "teacher (drop --offline)")
+    data = _folder_data(args, statistics=False)
+  else:
+    data = _ram_data(args, recipes.student_recipe(args.student_preset))
   for m in members:
-    _check_data(dataset, m.config)
+    _check_shape(data.image_shape, data.num_classes, m.config)
   student_cfg = recipes.student_config(args.student_preset, members[0].config)
   cfg = distill.DistillConfig(
       ce=args.ce, soft=args.soft, hard=args.hard, feature=args.feature,
       attention=args.attention, temperature=args.T)
-  images = recipes.student_images(args.student_preset, dataset,
-                                  hold_out_validation=args.hold_out_validation)
+  images = data.train
   tcfg = recipes.student_train_config(args.student_preset, len(images),
                                       epochs=args.epochs, steps=args.steps,
                                       batch_size=args.batch_size, learning_rate=args.lr,
@@ -481,7 +508,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     png = plots.training_curves(history, out / "curves.png",
                                 f"{args.student_preset} from {teacher_dir}")
     print(f"wrote {out / recipes.MODEL_DIR} and {png}")
-    _compare_and_print(models, dataset, disk, "teacher")
+    _compare_and_print(models, data.test, disk, "teacher")
   return 0
 
 
@@ -551,7 +578,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
   result = tuner.tune(model, dataset, budget, out, config)
   print(f"wrote {out}/policy.json, {out}/model, front.json/png, sensitivity.json/png, "
         "history.jsonl")
-  _compare_and_print({"fp32": model, "tuned": result.model}, dataset,
+  _compare_and_print({"fp32": model, "tuned": result.model}, dataset.test,
                      {"fp32": export.disk_bytes(model_dir),
                       "tuned": result.disk_bytes}, "fp32")
   return 0 if result.feasible else 1
@@ -571,7 +598,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                            metadata={"policy": policy_lib.to_dict(chosen),
                                      "source": str(model_dir)})
   print(f"wrote {out}")
-  _compare_and_print({"fp32": model, "policy": compressed}, dataset,
+  _compare_and_print({"fp32": model, "policy": compressed}, dataset.test,
                      {"fp32": export.disk_bytes(model_dir), "policy": disk}, "fp32")
   return 0
 
@@ -724,20 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true",
                  help="delete an earlier run in --out (finished or not) and train anew")
   _add_data_args(p)
-  p.add_argument("--image-folder", default=None, metavar="DIR",
-                 help="stream the training images from DIR/train/<class>/*.png|jpg|jpeg "
-                      "and score on DIR/test/<class>/..., decoding batch by batch "
-                      "(vitjax.streaming, grain) instead of loading --dataset into RAM; "
-                      "the pixel statistics come from DIR/train; a rerun resumes with "
-                      "the exact batches")
-  p.add_argument("--image-size", type=POSITIVE_INT, default=None,
-                 help="with --image-folder: resize every image to this square side "
-                      "(default: the images' own size, which must be one square size)")
-  p.add_argument("--skip-unreadable", action="store_true",
-                 help="with --image-folder: leave out (and list) files that are not "
-                      "readable images instead of refusing the folder")
-  p.add_argument("--read-threads", type=POSITIVE_INT, default=None,
-                 help="with --image-folder: grain decoding threads (default 4)")
+  _add_folder_args(p)
   p.set_defaults(func=cmd_train)
 
   p = sub.add_parser("eval", help="measure a saved model")
@@ -834,6 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--num-processes", type=POSITIVE_INT, default=None)
   p.add_argument("--process-id", type=COUNT, default=None)
   _add_data_args(p)
+  _add_folder_args(p)
   p.set_defaults(func=cmd_distill)
 
   p = sub.add_parser("tune", help="search the best compression policy under a size / "
