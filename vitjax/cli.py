@@ -145,8 +145,8 @@ def remove_run(out: pathlib.Path, entries: set[str], what: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TrainData:
-  """What `vitjax train` trains on and scores: in RAM (`--dataset`) or
-  streamed from an image folder (`--image-folder`)."""
+  """What `vitjax train` and `vitjax distill` train on and score: in RAM
+  (`--dataset`) or streamed from an image folder (`--image-folder`)."""
 
   train: data_lib.Split | streaming.Stream
   test: evaluate.Scored
