@@ -50,6 +50,23 @@ def test_folder_decodes_the_written_pixels(tmp_path):
   np.testing.assert_allclose(std, [x.std()], rtol=1e-6)
 
 
+def test_eval_batches_read_every_image_in_order_and_pad_the_last(tmp_path):
+  images, labels = write_folder(tmp_path, n=23)
+  folder = streaming.scan_folder(tmp_path)
+  batches = list(streaming.eval_batches(folder, 10, num_threads=2))
+  assert [n for _, _, n in batches] == [10, 10, 3]
+  assert all(b[0].shape == (10, 8, 8, 1) and len(b[1]) == 10 for b in batches)
+  np.testing.assert_array_equal(np.concatenate([b[0][:n] for b in batches for n in [b[2]]]),
+                                images)
+  np.testing.assert_array_equal(np.concatenate([b[1][:n] for b in batches for n in [b[2]]]),
+                                labels)
+  # The padding repeats the last image, as the in-RAM eval_batches does.
+  np.testing.assert_array_equal(batches[-1][0][3:], np.repeat(images[-1:], 7, 0))
+  for kwargs in ({"batch_size": 0}, {"batch_size": 4, "num_threads": 0}):
+    with pytest.raises(ValueError, match="must be >= 1"):
+      list(streaming.eval_batches(folder, **kwargs))
+
+
 def test_epochs_are_permutations_processes_split_rows_and_resume_is_exact(tmp_path):
   write_folder(tmp_path)
   stream = streaming.Stream(streaming.scan_folder(tmp_path), num_threads=2)

@@ -90,7 +90,8 @@ def _add_folder_args(p: argparse.ArgumentParser) -> None:
                  help="with --image-folder: leave out (and list) files that are not "
                       "readable images instead of refusing the folder")
   p.add_argument("--read-threads", type=POSITIVE_INT, default=None,
-                 help="with --image-folder: grain decoding threads (default 4)")
+                 help="with --image-folder: grain threads decoding the training images "
+                      f"(default {streaming.READ_THREADS})")
 
 
 def _add_compress_args(p: argparse.ArgumentParser, exclude: Sequence[str],
@@ -198,7 +199,7 @@ def _folder_data(args: argparse.Namespace, statistics: bool = True) -> TrainData
   if statistics:
     print("computing the training images' pixel statistics")
     mean, std = streaming.folder_statistics(train_src)
-  threads = args.read_threads or 4
+  threads = args.read_threads or streaming.READ_THREADS
   return TrainData(streaming.Stream(train_src, num_threads=threads), test_src,
                    len(train_src.classes), train_src.image_shape, mean, std)
 

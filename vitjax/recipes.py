@@ -238,8 +238,7 @@ def train_teacher(run_dir: str | pathlib.Path, config: Config,
   run_dir = pathlib.Path(run_dir)
   model_dir = run_dir / MODEL_DIR
   recipe = {"train": cfg.recipe_dict(), "seed": seed,
-            "data": images.fingerprint() if isinstance(images, streaming.Stream) else
-                    train.fingerprint(images.images, images.labels)}
+            "data": train.data_fingerprint(images)}
   if init is not None:
     if init.config != config:
       raise ValueError("init's config differs from the run's config")

@@ -33,6 +33,9 @@ from PIL import Image
 from vitjax.data import DatasetError, padded
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# grain decoding threads unless told otherwise (benchmarks/streaming.py: 1 is
+# fastest for small PNGs; threads pay for large JPEGs, decoded without the GIL).
+READ_THREADS = 4
 OnUnreadable = Literal["error", "skip"]
 ON_UNREADABLE = ("error", "skip")
 
@@ -224,7 +227,7 @@ class Stream:
   """
 
   source: Any
-  num_threads: int = 4
+  num_threads: int = READ_THREADS
   prefetch: int = 2
 
   def __len__(self) -> int:
@@ -278,8 +281,8 @@ class Stream:
     return it
 
 
-
-def eval_batches(source: ImageFolder, batch_size: int, *, num_threads: int = 4
+def eval_batches(source: ImageFolder, batch_size: int, *,
+                 num_threads: int = READ_THREADS
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
   """In-order batches of every image of `source`, decoded by `num_threads`
   grain threads and padded to `batch_size` (one executable for all): yields

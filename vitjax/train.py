@@ -373,6 +373,14 @@ def fingerprint(*trees: Any) -> str:
   return digest.hexdigest()
 
 
+def data_fingerprint(split: data_lib.Split | streaming.Stream) -> str:
+  """SHA-256 of the training data: a split's images and labels, or a stream's
+  own `fingerprint()` (files, sizes, labels and decoding settings)."""
+  if isinstance(split, streaming.Stream):
+    return split.fingerprint()
+  return fingerprint(split.images, split.labels)
+
+
 def _check_meta(workdir: pathlib.Path, meta: dict[str, Any]) -> None:
   path = workdir / META_FILE
   exists = path.exists()
@@ -522,8 +530,7 @@ def fit(model: Model, split: data_lib.Split | streaming.Stream, cfg: TrainConfig
                           "train": cfg.to_dict(), "run_info": run_info or {},
                           "initial_weights": fingerprint(model.params, extra),
                           "aux": fingerprint(aux),
-                          "data": split.fingerprint() if streamed else
-                                  fingerprint(split.images, split.labels)})
+                          "data": data_fingerprint(split)})
     manager = _manager(workdir, cfg)
     latest = manager.latest_step()
     if latest is not None:
