@@ -98,12 +98,14 @@ def test_quantize_recipe_and_policy_quantize_every_matmul(world, tmp_path, capsy
                    *_data(world)]) == 0
   text = capsys.readouterr().out
   model = _check_row(text, "repqvit+gptq-w4a6", out, world)
-  # Every site but the LayerNorm inputs and the GELU output (Dense_1's input
-  # quantizes that tensor).
+  # Every site but the LayerNorm inputs and the softmax and GELU outputs
+  # (probs.v's left operand and Dense_1's input quantize those tensors).
   assert set(model.sites) == {a for a in model_lib.site_addresses(model)
-                              if not re.search(r"(norm|LayerNorm_\d)/input$|/gelu$", a)}
-  assert {type(q).__name__ for q in model.sites.values()} == {"Uniform", "Logarithmic",
-                                                               "Operands"}
+                              if not re.search(r"(norm|LayerNorm_\d)/input$|/gelu$|/softmax$",
+                                               a)}
+  assert {type(q).__name__ for q in model.sites.values()} == {"Uniform", "Operands"}
+  assert {type(q.lhs).__name__ for a, q in model.sites.items()
+          if a.endswith("/pv")} == {"Logarithmic"}
   policy = tmp_path / "mix.json"
   policy.write_text(json.dumps({"recipe": "minmax", "a_bits": 4, "w_bits": 4, "rules": [
       {"pattern": ".*/softmax", "quantizer": {"kind": "twin", "bits": 4}},

@@ -3,6 +3,7 @@ log2 levels, twin-uniform ranges, power-of-two factors, uniform fits, and
 integer matmuls that equal an integer NumPy dot exactly."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,8 @@ from vitjax.quantizers import (Logarithmic, LogarithmicSpec, Operands, OperandsS
                                PowerOfTwoSpec, TwinUniform, TwinUniformSpec, Uniform,
                                UniformSpec, fit_logarithmic, fit_power_of_two,
                                fit_twin_uniform, fit_uniform)
+from vitjax.leaves.quantized import quantize_per_channel
+from vitjax.quantizers.planes import planes_dot_general
 from vitjax.quantizers.uniform import quantized_dot_general
 
 
@@ -146,6 +149,80 @@ def test_quantized_qk_and_pv_equal_an_integer_numpy_einsum(bits):
   ref = (_int_ref(cp, cv, "bhqk,bkhd->bhqd") * (1 / 254) * 0.04
          + 0.5 * np.einsum("bkhd->bhd", cv)[:, :, None, :] * 0.04)
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def _log_by_hand(p, bits, base):
+  """FQ-ViT's log2 / RepQ-ViT's log-sqrt2 values (scale 1) in float64."""
+  steps = -np.log2(p) * (1 if base == "2" else 2)
+  q = np.maximum(np.round(steps), 0)
+  level = 2.0 ** -q if base == "2" else np.sqrt(2.0) ** -q
+  return np.where((p > 0) & (q < 2 ** bits), level, 0.0)
+
+
+def _twin_by_hand(x, s1, s2, bits, mode):
+  half = 2 ** (bits - 1)
+  if mode == "softmax":
+    in_r1, r1 = x < half * s1, np.clip(np.round(x / s1), 0, half - 1) * s1
+  else:
+    in_r1, r1 = x < 0, np.clip(np.round(x / s1), -half, 0) * s1
+  return np.where(in_r1, r1, np.clip(np.round(x / s2), 0, half - 1) * s2)
+
+
+def _only_integer_dots(fn, *args) -> int:
+  hlo = jax.jit(fn).lower(*args).compile().as_text()
+  assert not re.search(r"= f32\[[^\]]*\][^ ]* dot\(", hlo)
+  return len(re.findall(r"= s32\[[^\]]*\][^ ]* dot\(", hlo))
+
+
+@pytest.mark.parametrize("name", ["log2-4", "log2-8", "sqrt2-4", "sqrt2-6", "twin-6",
+                                  "twin-8"])
+def test_log_and_twin_probs_v_is_one_integer_dot_of_int8_planes(name):
+  kind, bits = name.split("-")
+  bits = int(bits)
+  rng = np.random.default_rng(bits)
+  p = jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 3, 5, 6)) * 3, jnp.float32), -1)
+  v = jnp.asarray(rng.normal(size=(2, 6, 3, 4)), jnp.float32)
+  uv = Uniform(jnp.float32(0.02), None, 8)
+  if kind == "twin":
+    s1, s2 = 1 / 2 ** (bits + 3), 1 / 2 ** (bits - 1)
+    q = TwinUniform(jnp.float32(s1), jnp.float32(s2), bits, "softmax")
+    want = _twin_by_hand(np.asarray(p, np.float64), s1, s2, bits, "softmax")
+  else:
+    base = {"log2": "2", "sqrt2": "sqrt2"}[kind]
+    q = Logarithmic(jnp.float32(1.0), bits, base)
+    want = _log_by_hand(np.asarray(p, np.float64), bits, base)
+  planes = q.planes(p)
+  assert planes.codes.dtype == jnp.int8
+  # The planes stand for exactly the quantizer's values, which are the
+  # hand-computed levels (several distinct ones: the test is not vacuous).
+  np.testing.assert_array_equal(np.asarray(planes.values()), np.asarray(q(p)))
+  np.testing.assert_array_equal(np.asarray(q(p)), want.astype(np.float32))
+  assert len(np.unique(want)) >= 6
+  dims = (((3,), (1,)), ((0, 1), (0, 2)))
+  y = np.asarray(jax.jit(lambda a, b: planes_dot_general(q.planes(a), b, uv, dims))(p, v))
+  codes_v = np.asarray(uv.codes(v, (1,))).astype(np.int64)
+  np.testing.assert_allclose(y, np.einsum("bhqk,bkhd->bhqd", want, codes_v) * 0.02,
+                             rtol=1e-6, atol=1e-7)
+  # One integer dot (the planes are one more free axis), no float dot.
+  assert _only_integer_dots(lambda a, b: planes_dot_general(q.planes(a), b, uv, dims),
+                            p, v) == 1
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_twin_gelu_input_times_an_int_weight_is_an_integer_dot(w_bits):
+  rng = np.random.default_rng(w_bits)
+  x = jnp.asarray(jax.nn.gelu(rng.normal(size=(3, 7, 16)) * 2), jnp.float32)
+  qt = quantize_per_channel(jnp.asarray(rng.normal(size=(16, 5)), jnp.float32), w_bits)
+  q = TwinUniform(jnp.float32(0.01), jnp.float32(0.04), 6, "gelu")
+  want = _twin_by_hand(np.asarray(x, np.float64), 0.01, 0.04, 6, "gelu")
+  assert (want < 0).any() and (want > 0).any()
+  dims = (((2,), (0,)), ((), ()))
+  y = np.asarray(jax.jit(lambda a: planes_dot_general(q.planes(a), None, qt, dims))(x))
+  codes_w = np.asarray(qt.qvalue).astype(np.int64)
+  np.testing.assert_allclose(y, want @ codes_w * np.asarray(qt.scale[0], np.float64),
+                             rtol=1e-5, atol=1e-6)
+  assert _only_integer_dots(lambda a: planes_dot_general(q.planes(a), None, qt, dims),
+                            x) == 1
 
 
 def test_per_token_scales_and_a_per_channel_refusal():

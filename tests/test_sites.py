@@ -171,6 +171,36 @@ def test_compiled_w8a8_model_has_integer_dots_for_all_six_matmuls_of_every_block
                        .as_text()) == []
 
 
+@pytest.mark.parametrize("recipe", ["fqvit", "ptq4vit", "repqvit"])
+def test_log_and_twin_recipes_keep_every_matmul_an_integer_dot(recipe):
+  m = ptq.quantize_model(noisy_model(), recipe, _calibration(), w_bits=4, a_bits=4,
+                         progress=False)
+  x = _images(2)
+  hlo = jax.jit(model_lib.apply).lower(m, x).compile().as_text()
+  # probs.v multiplies the int8 planes of the log / twin-uniform probabilities,
+  # and ptq4vit's Dense_1 those of its twin-uniform GELU output: still one
+  # integer dot per matmul, and no float dot anywhere.
+  assert len(_integer_dots(hlo)) == TINY.depth * 8 + 2
+  assert not re.search(r"= f32\[[^\]]*\][^ ]* dot\(", hlo)
+  pv = m.sites[f"{ATTN}/pv"].lhs
+  assert type(pv).__name__ == {"ptq4vit": "TwinUniform"}.get(recipe, "Logarithmic")
+  # The same quantizers at the value sites instead (softmax, gelu: dequantized
+  # values, then float matmuls) give the same logits.
+  moved = dict(m.sites)
+  for i in range(TINY.depth):
+    block = f"Transformer/encoderblock_{i}"
+    attn = f"{block}/MultiHeadDotProductAttention_1"
+    moved[f"{attn}/softmax"] = moved[f"{attn}/pv"].lhs
+    moved[f"{attn}/pv"] = moved[f"{attn}/pv"].replace(lhs=None)
+    if recipe == "ptq4vit":
+      moved[f"{block}/MlpBlock_3/gelu"] = moved.pop(f"{block}/MlpBlock_3/Dense_1/input")
+  fake = m.replace(sites=moved)
+  want = np.asarray(model_lib.apply(fake, x))
+  assert np.ptp(want) > 0.5  # non-trivial logits
+  np.testing.assert_allclose(np.asarray(model_lib.apply(m, x)), want, rtol=1e-4, atol=1e-4)
+  assert _integer_dots(jax.jit(model_lib.apply).lower(fake, x).compile().as_text()) != []
+
+
 def test_reparameterization_keeps_fp32_outputs_and_equalizes_channel_ranges():
   m = noisy_model()
   calib = _calibration()

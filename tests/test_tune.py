@@ -145,7 +145,9 @@ def test_policy_file_round_trip_and_compress_cli(model, dataset, tmp_path):
   path = policy_lib.save(policy, tmp_path / "p.json")
   assert policy_lib.load(path) == policy
   built = policy_lib.apply_policy(policy, model, dataset.calibration)
-  assert any(a.endswith("/softmax") for a in built.sites)  # the op-level recipe ran
+  # The op-level recipe ran: fqvit's log2 probabilities feed probs.v.
+  assert any(a.endswith("/pv") and type(q.lhs).__name__ == "Logarithmic"
+             for a, q in built.sites.items())
   assert built.config.block_heads == (2, 1)
   ckpt = tmp_path / "run" / "model"
   export.save_model(model, ckpt)

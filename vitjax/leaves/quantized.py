@@ -28,6 +28,7 @@ from aqt.jax.v2 import config as aqt_config
 
 from vitjax.leaves.dispatch import (apply_mask, input_quantized_matmul, trainable,
                                    value_count, weight_matmul)
+from vitjax.quantizers.planes import has_planes, planes_dot_general
 from vitjax.quantizers.uniform import Uniform, check_bits, quantized_dot_general
 from vitjax.storable import register_storable
 
@@ -136,7 +137,9 @@ def _(w: QuantizedWeight, x: jax.Array, act: Any) -> jax.Array:
                      "quantize its weight with activations='float'")
   if isinstance(act, Uniform):
     return quantized_dot_general(x, act, None, w.qt, _dims(x), rhs_bits=w.bits)
-  return weight_matmul(w, act(x))  # non-uniform codes: their values, weight-only dot
+  if has_planes(act):  # log or twin-uniform codes: int8 planes x int weight
+    return planes_dot_general(act.planes(x), None, w.qt, _dims(x)).astype(x.dtype)
+  return weight_matmul(w, act(x))  # other quantizers: their values, weight-only dot
 
 
 @register_storable

@@ -6,8 +6,8 @@ needs a quantizer; each place has the address `<module path>/<op>`:
   `<linear layer>/input`   the input of a linear layer (patch embedding,
                            query/key/value/out, Dense_0/Dense_1, heads);
                            `linear` runs the layer, an integer matmul when the
-                           input quantizer is uniform and the weight is an
-                           int leaf;
+                           weight is an int leaf and the input quantizer is
+                           uniform, log or twin-uniform;
   `<attention>/qk`         the q.kT matmul, quantizer `Operands(lhs, rhs)`;
   `<attention>/pv`         the probs.v matmul, `Operands(lhs, rhs)`;
   `<attention>/softmax`    the attention probabilities (any quantizer);
@@ -15,11 +15,13 @@ needs a quantizer; each place has the address `<module path>/<op>`:
   `<layernorm>/input`      the input of a LayerNorm (any quantizer).
 
 A value site (`value`) returns its quantizer's dequantized values; a matmul
-site (`einsum`, `linear`) quantizes its operands and multiplies the integer
-codes through AQT when both are uniform. The softmax output is also pv's left
-operand, and the GELU output Dense_1's input: a recipe quantizes such a
-tensor at one of its two sites, or at both with the same uniform quantizer
-(requantizing values already on the grid changes nothing).
+site (`einsum`, `linear`) quantizes its operands and multiplies integers:
+the codes through AQT when both are uniform, or the int8 planes of a log or
+twin-uniform left operand (`quantizers.planes`) against a uniform right one.
+The softmax output is also pv's left operand, and the GELU output Dense_1's
+input: a quantizer at the value site (`softmax`, `gelu`) is followed by a
+float matmul, the same quantizer at the matmul's operand (`pv` lhs,
+`Dense_1/input`) by an integer one; the named recipes use the latter.
 
 Quantizers live in the `sites` collection (`Model.sites`, a flat dict from
 address to quantizer); a site without one computes in float. Every site also
@@ -37,6 +39,7 @@ import jax
 from jax import lax
 
 from vitjax import leaves
+from vitjax.quantizers.planes import has_planes, planes_dot_general
 from vitjax.quantizers.uniform import Operands, Uniform, quantized_dot_general
 
 COLLECTION = "sites"
@@ -74,8 +77,9 @@ def einsum(module: nn.Module, op: str, lhs: jax.Array, rhs: jax.Array, dims: Any
   """`lax.dot_general(lhs, rhs, dims)` at the matmul site `<module path>/<op>`.
 
   With `Operands(lhs_q, rhs_q)` there: both uniform gives an integer dot
-  (AQT); otherwise each quantizer given is applied to its operand and the
-  values are multiplied in float.
+  (AQT), a log or twin-uniform lhs_q with a uniform rhs_q an integer dot of
+  the lhs planes (`planes_dot_general`); otherwise each quantizer given is
+  applied to its operand and the values are multiplied in float.
 
   Raises:
     TypeError: the site holds something other than `Operands`.
@@ -89,6 +93,8 @@ def einsum(module: nn.Module, op: str, lhs: jax.Array, rhs: jax.Array, dims: Any
                     f"{type(q).__name__}")
   if isinstance(q.lhs, Uniform) and isinstance(q.rhs, Uniform):
     return quantized_dot_general(lhs, q.lhs, rhs, q.rhs, dims).astype(lhs.dtype)
+  if has_planes(q.lhs) and isinstance(q.rhs, Uniform):
+    return planes_dot_general(q.lhs.planes(lhs), rhs, q.rhs, dims).astype(lhs.dtype)
   lhs = lhs if q.lhs is None else q.lhs(lhs)
   rhs = rhs if q.rhs is None else q.rhs(rhs)
   return lax.dot_general(lhs, rhs, dims)

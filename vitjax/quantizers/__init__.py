@@ -3,8 +3,10 @@
 Each quantizer is a storable pytree dataclass with `__call__(x)` (the
 quantized-then-dequantized values), a `fit_*` function that builds it from
 calibration samples, and a frozen `*Spec` (bits and options) whose `fit` a
-site rule calls. A new quantizer is one new file. Uniform quantizers also hand their integer codes
-to AQT for real integer matmuls (`integer.py`).
+site rule calls. A new quantizer is one new file. For integer matmuls,
+uniform quantizers hand their codes to AQT (`uniform.quantized_dot_general`);
+log and twin-uniform quantizers write their values as int8 planes
+(`planes.planes_dot_general`).
 """
 
 from vitjax.quantizers.logarithmic import Logarithmic, LogarithmicSpec, fit_logarithmic

@@ -7,6 +7,7 @@ steps: code q = round(-log_base(x / scale)) in 0..2^bits - 1, value
 scale * base^-q; a value whose code would pass 2^bits - 1 becomes 0 (FQ-ViT's
 rule). Base 2 makes every level a power of two (a shift in integer
 hardware); base sqrt(2) halves the step between levels (RepQ-ViT).
+`planes` writes the values as int8 planes for integer matmuls (`planes.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitjax.quantizers import planes as planes_lib
 from vitjax.quantizers.uniform import check_bits, check_samples
 from vitjax.storable import register_storable
 
@@ -68,6 +70,21 @@ class Logarithmic:
       value = jnp.ldexp(jnp.where(q % 2 == 1, jnp.float32(1 / math.sqrt(2)), 1.0), -(q // 2))
     value = jnp.where(q >= 2 ** self.bits, 0.0, value) * jnp.asarray(self.scale, jnp.float32)
     return value.astype(x.dtype)
+
+  def planes(self, x: jax.Array) -> planes_lib.Planes:
+    """`self(x)` as int8 planes (float32 values, see `planes.py`): base 2 in
+    ceil(2^bits / 7) planes, base sqrt2 in twice ceil(2^(bits-1) / 7)."""
+    q = self.codes(x)
+    levels = 2 ** self.bits
+    keep = q < levels
+    scale = jnp.asarray(self.scale, jnp.float32)
+    if self.base == "2":
+      return planes_lib.power_planes(q, keep, levels, scale)
+    half = levels // 2
+    return planes_lib.concat([
+        planes_lib.power_planes(q // 2, keep & (q % 2 == 0), half, scale),
+        planes_lib.power_planes(q // 2, keep & (q % 2 == 1), half,
+                                jnp.float32(1 / math.sqrt(2)) * scale)])
 
 
 def fit_logarithmic(samples: np.ndarray, *, bits: int = 4, base: Base = "2",

@@ -13,7 +13,8 @@ times a power of two, so both rescale by a shift:
 `fit_twin_uniform` searches s2 on a grid and s1 = s2 / 2^m over m, keeping
 the pair whose quantization error, weighted per value by a Hessian estimate
 (PTQ4ViT: the squared gradient of the task loss with respect to that value),
-is smallest.
+is smallest. `planes` writes the values as two int8 planes, one per range,
+for integer matmuls (`planes.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitjax.quantizers import planes as planes_lib
 from vitjax.quantizers.uniform import check_bits, check_samples
 from vitjax.storable import register_storable
 
@@ -33,16 +35,21 @@ Mode = Literal["softmax", "gelu"]
 MODES = ("softmax", "gelu")
 
 
-def _twin(x, s1, s2, bits: int, mode: str, xp):
+def _twin_codes(x, s1, s2, bits: int, mode: str, xp):
+  """(in R1, R1's codes, R2's codes) of every value."""
   half = 2 ** (bits - 1)
   if mode == "softmax":
     in_r1 = x < half * s1
-    r1 = xp.clip(xp.round(x / s1), 0, half - 1) * s1
+    c1 = xp.clip(xp.round(x / s1), 0, half - 1)
   else:
     in_r1 = x < 0
-    r1 = xp.clip(xp.round(x / s1), -half, 0) * s1
-  r2 = xp.clip(xp.round(x / s2), 0, half - 1) * s2
-  return xp.where(in_r1, r1, r2)
+    c1 = xp.clip(xp.round(x / s1), -half, 0)
+  return in_r1, c1, xp.clip(xp.round(x / s2), 0, half - 1)
+
+
+def _twin(x, s1, s2, bits: int, mode: str, xp):
+  in_r1, c1, c2 = _twin_codes(x, s1, s2, bits, mode, xp)
+  return xp.where(in_r1, c1 * s1, c2 * s2)
 
 
 @register_storable
@@ -77,6 +84,14 @@ class TwinUniform:
     y = _twin(x.astype(jnp.float32), jnp.asarray(self.s1, jnp.float32),
               jnp.asarray(self.s2, jnp.float32), self.bits, self.mode, jnp)
     return y.astype(x.dtype)
+
+  def planes(self, x: jax.Array) -> planes_lib.Planes:
+    """`self(x)` as two int8 planes (float32 values): R1's codes where a
+    value lies in R1, R2's codes elsewhere (see `planes.py`)."""
+    s1, s2 = jnp.asarray(self.s1, jnp.float32), jnp.asarray(self.s2, jnp.float32)
+    in_r1, c1, c2 = _twin_codes(x.astype(jnp.float32), s1, s2, self.bits, self.mode, jnp)
+    codes = jnp.stack([jnp.where(in_r1, c1, 0), jnp.where(in_r1, 0, c2)]).astype(jnp.int8)
+    return planes_lib.Planes(codes, jnp.stack([s1, s2]))
 
 
 def fit_twin_uniform(samples: np.ndarray, *, bits: int = 8, mode: Mode = "softmax",

@@ -116,9 +116,11 @@ class Uniform:
 @register_storable
 @flax.struct.dataclass
 class Operands:
-  """Quantizers of the two activation operands of a matmul site (None: float)."""
+  """Quantizers of the two activation operands of a matmul site (None:
+  float): lhs any quantizer (uniform, log or twin-uniform for an integer
+  dot), rhs uniform."""
 
-  lhs: Uniform | None = None
+  lhs: Any = None
   rhs: Uniform | None = None
 
 
@@ -137,15 +139,27 @@ def _operand_qtensor(q: Uniform, x: jax.Array, axes: tuple[int, ...]) -> aqt_ten
                             dequant_dtype=x.dtype)
 
 
+def output_layout(a: jax.Array, dims, lhs_ndim: int, rhs_shape: tuple[int, ...]) -> jax.Array:
+  """`a` (broadcastable to the right operand, size 1 on its contracted axes,
+  e.g. a per-channel or per-token scale) laid out like the dot's output:
+  batch axes, the left operand's free axes as 1, the right's free axes."""
+  a = jnp.asarray(a)
+  if a.ndim == 0:
+    return a
+  (_, rc), (_, rb) = dims
+  shape = tuple(1 if i in rc else n for i, n in enumerate(rhs_shape))
+  a = jnp.broadcast_to(a, shape)
+  free = [i for i in range(len(rhs_shape)) if i not in rc and i not in rb]
+  a = jnp.transpose(a, tuple(rb) + tuple(free) + tuple(rc))
+  n_lhs_free = lhs_ndim - len(dims[0][0]) - len(dims[1][0])
+  kept = a.shape[:len(rb) + len(free)]
+  return a.reshape(kept[:len(rb)] + (1,) * n_lhs_free + kept[len(rb):])
+
+
 def _sum_over_contraction(rhs: jax.Array, dims, lhs_ndim: int) -> jax.Array:
-  """Sum of `rhs` over its contracted axes, laid out like the dot's output
-  (batch axes, lhs free axes as size 1, rhs free axes)."""
-  (lc, rc), (lb, rb) = dims
-  free = [a for a in range(rhs.ndim) if a not in rc and a not in rb]
-  total = jnp.sum(jnp.transpose(rhs, tuple(rb) + tuple(rc) + tuple(free)),
-                  axis=tuple(range(len(rb), len(rb) + len(rc))))
-  n_lhs_free = lhs_ndim - len(lc) - len(lb)
-  return total.reshape(total.shape[:len(rb)] + (1,) * n_lhs_free + total.shape[len(rb):])
+  """Sum of `rhs` over its contracted axes, laid out like the dot's output."""
+  return output_layout(jnp.sum(rhs, axis=tuple(dims[0][1]), keepdims=True), dims, lhs_ndim,
+                       rhs.shape)
 
 
 def quantized_dot_general(lhs: jax.Array, lhs_q: Uniform, rhs: jax.Array | None,

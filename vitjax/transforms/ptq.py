@@ -21,6 +21,9 @@ every LayerNorm is quantized too (FQ-ViT's "fully quantized" setting).
            guided scales; other sites uniform with OMSE ranges;
   repqvit  post-LayerNorm scale reparameterization (per-tensor quantizers
            after it), log-sqrt2 post-softmax values, OMSE elsewhere;
+  (the post-softmax and post-GELU quantizers sit on probs.v's left operand
+  and Dense_1's input, so those matmuls stay integer dots: see
+  `quantizers.planes`)
   gptq     the weights by GPTQ instead of round-to-nearest; alone, with
            minmax sites.
 
@@ -111,27 +114,24 @@ def site_rules(recipe: SiteRecipe, a_bits: int, *, edge_bits: int = 8,
   asym = lambda: _uniform(a_bits, method)  # noqa: E731
   rules = [SiteRule(f"{EDGE}/input", _uniform(edge_bits, "minmax")),
            SiteRule(".*/qk", OperandsSpec(sym(), sym()))]
+  # A log or twin-uniform quantizer sits on its matmul's left operand (pv's
+  # lhs, Dense_1's input), where the matmul multiplies its int8 planes; the
+  # value sites softmax and gelu then stay float (the same tensors).
   if recipe == "minmax":
-    rules += [SiteRule(".*/pv", OperandsSpec(asym(), sym())),
-              SiteRule(".*/(softmax|gelu)", None)]
+    rules += [SiteRule(".*/pv", OperandsSpec(asym(), sym()))]
     ln = asym()
   elif recipe == "fqvit":
-    rules += [SiteRule(".*/softmax", LogarithmicSpec(a_bits, "2")),
-              SiteRule(".*/pv", OperandsSpec(None, sym())),
-              SiteRule(".*/gelu", None)]
+    rules += [SiteRule(".*/pv", OperandsSpec(LogarithmicSpec(a_bits, "2"), sym()))]
     ln = PowerOfTwoSpec(a_bits)
   elif recipe == "ptq4vit":
-    rules += [SiteRule(".*/softmax", TwinUniformSpec(a_bits, "softmax")),
-              SiteRule(".*/pv", OperandsSpec(None, sym())),
-              SiteRule(".*/gelu", TwinUniformSpec(a_bits, "gelu")),
-              SiteRule(".*/Dense_1/input", None)]
+    rules += [SiteRule(".*/pv", OperandsSpec(TwinUniformSpec(a_bits, "softmax"), sym())),
+              SiteRule(".*/Dense_1/input", TwinUniformSpec(a_bits, "gelu"))]
     ln = asym()
   else:  # repqvit: per-tensor ranges after the reparameterization
-    rules += [SiteRule(".*/softmax", LogarithmicSpec(a_bits, "sqrt2")),
-              SiteRule(".*/pv", OperandsSpec(None, sym())),
-              SiteRule(".*/gelu", None),
+    rules += [SiteRule(".*/pv", OperandsSpec(LogarithmicSpec(a_bits, "sqrt2"), sym())),
               SiteRule(".*/(query|key|value|Dense_0)/input", _uniform(a_bits, "minmax"))]
     ln = asym()
+  rules += [SiteRule(".*/(softmax|gelu)", None)]
   rules += [SiteRule(LAYERNORM_INPUT, ln if layernorm_inputs else None),
             SiteRule(".*/input", asym())]
   return tuple(rules)
