@@ -162,6 +162,16 @@ class TrainConfig:
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+    """The inverse of `to_dict`; fields missing from `values` (saved before
+    they existed) take their defaults.
+
+    Raises:
+      TypeError: an unknown field. ValueError: what the constructor refuses.
+    """
+    return cls(**values)
+
   def recipe_dict(self) -> dict[str, Any]:
     """`to_dict` without the fields that choose kernels, not the computation
     (`xla_cpu`): what a finished model's reuse is checked against, while a
@@ -381,23 +391,40 @@ def data_fingerprint(split: data_lib.Split | streaming.Stream) -> str:
   return fingerprint(split.images, split.labels)
 
 
+def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+  """'key: saved X vs now Y' for every entry of `now` that differs, naming the
+  differing fields of a dict entry (e.g. 'train.steps') instead of the whole dict."""
+  diffs = []
+  for k, v in now.items():
+    old = saved.get(k)
+    if old == v:
+      continue
+    if isinstance(old, dict) and isinstance(v, dict):
+      diffs += [f"{k}.{f}: saved {old.get(f)!r} vs now {v.get(f)!r}"[:300]
+                for f in sorted(set(old) | set(v)) if old.get(f) != v.get(f)]
+    else:
+      diffs.append(f"{k}: saved {old!r} vs now {v!r}"[:300])
+  return diffs
+
+
 def _check_meta(workdir: pathlib.Path, meta: dict[str, Any]) -> None:
   path = workdir / META_FILE
   exists = path.exists()
   sharding.barrier("train-meta-read")  # every process looked before any writes
   if exists:
     saved = json.loads(path.read_text())
-    try:  # a config saved before a field existed holds that field's default
-      saved["model"] = ViTConfig.from_dict(saved["model"]).to_dict()
-    except (KeyError, TypeError, ValueError):
-      pass
-    diffs = [f"{k}: saved {saved.get(k)!r} vs now {v!r}" for k, v in meta.items()
-             if saved.get(k) != v]
+    # A config saved before a field existed holds that field's default.
+    for key, cls in (("model", ViTConfig), ("train", TrainConfig)):
+      try:
+        saved[key] = cls.from_dict(saved[key]).to_dict()
+      except (KeyError, TypeError, ValueError):
+        pass
+    diffs = _differences(saved, meta)
     if diffs:
       raise ValueError(
           f"the training state in {workdir} was written for a different run ("
-          + "; ".join(d[:300] for d in diffs) + "); use a fresh workdir (CLI: "
-          "--overwrite starts over) or the same settings, weights and data")
+          + "; ".join(diffs) + "); use a fresh workdir (CLI: --overwrite starts over) or "
+          "the same settings, weights and data")
   else:
     workdir.mkdir(parents=True, exist_ok=True)
     if sharding.is_writer():
