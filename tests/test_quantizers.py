@@ -206,6 +206,14 @@ def test_log_and_twin_probs_v_is_one_integer_dot_of_int8_planes(name):
   # One integer dot (the planes are one more free axis), no float dot.
   assert _only_integer_dots(lambda a, b: planes_dot_general(q.planes(a), b, uv, dims),
                             p, v) == 1
+  # v quantized at run time: one scale per (batch, head, channel), from its
+  # largest |value| over the contracted tokens.
+  token = Uniform(None, None, 8)
+  y = np.asarray(planes_dot_general(q.planes(p), v, token, dims))
+  scale = np.abs(np.asarray(v, np.float64)).max(1, keepdims=True) / 127
+  codes = np.round(np.asarray(v, np.float64) / scale)
+  np.testing.assert_allclose(y, np.einsum("bhqk,bkhd->bhqd", want, codes * scale),
+                             rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("w_bits", [8, 4])
