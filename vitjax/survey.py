@@ -67,7 +67,7 @@ class Settings:
     cnn_epochs: the CNN teacher's epochs; None: the recipe's.
     ptq_w6a6, ptq_w4a4: the PTQ recipes (`vitjax.transforms.ptq`) of the W6A6
       and W4A4 rows: the teacher's validation winners in
-      experiments/ptq_table.py (2026-11-25).
+      experiments/ptq_table.py (2026-11-30).
     tune_seconds: the "tuned" row's time budget: no new policy is scored
       after it (the sensitivity table counts; the final build comes on top).
     tune_evaluations: policies the "tuned" row's search evaluates at most.
@@ -86,8 +86,8 @@ class Settings:
   student_teacher: StudentTeacher = "cnn+vit"
   student_targets: StudentTargets = "hard+soft"
   cnn_epochs: float | None = None
-  ptq_w6a6: str = "repqvit+gptq"
-  ptq_w4a4: str = "repqvit"
+  ptq_w6a6: str = "ptq4vit+gptq"
+  ptq_w4a4: str = "ptq4vit+gptq"
   tune_seconds: float = 120.0
   tune_evaluations: int = 48
   train_images: int | None = None
@@ -250,11 +250,11 @@ METHODS: list[Method] = [
     Method("w6a6", "quantization",
            lambda ctx, src: _ptq(ctx, src["teacher"], ctx.settings.ptq_w6a6, 6),
            ("teacher",), "W6A6 over every matmul (weights and both operands), recipe "
-           "Settings.ptq_w6a6 (repqvit+gptq, chosen on validation)"),
+           "Settings.ptq_w6a6 (ptq4vit+gptq, chosen on validation)"),
     Method("w4a4", "quantization",
            lambda ctx, src: _ptq(ctx, src["teacher"], ctx.settings.ptq_w4a4, 4),
-           ("teacher",), "W4A4 over every matmul, recipe Settings.ptq_w4a4 (repqvit, chosen "
-           "on validation)"),
+           ("teacher",), "W4A4 over every matmul, recipe Settings.ptq_w4a4 (ptq4vit+gptq, "
+           "chosen on validation)"),
     Method("weight-int4", "quantization",
            lambda ctx, src: quantize.weight_only(4)(src["teacher"]), ("teacher",),
            "int4 weights (packed), float activations, no training"),
