@@ -23,6 +23,7 @@ experiments/results/distill_cnn_teacher.{json,md}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -54,6 +55,17 @@ CANDIDATES: dict[str, tuple[tuple[str, ...], dict]] = {
 SEEDS = (0, 1, 2)
 
 
+def load_dataset(quick: bool) -> data_lib.Dataset:
+  """Fashion-MNIST; with `quick`, 1,024 training and 500 validation and test
+  images (a plumbing check)."""
+  dataset = data_lib.load("fashion_mnist")
+  if quick:
+    dataset = dataclasses.replace(dataset, train=dataset.train.take(slice(0, 1024)),
+                                  validation=dataset.validation.take(slice(0, 500)),
+                                  test=dataset.test.take(slice(0, 500)))
+  return dataset
+
+
 def student(teachers: dict, names: tuple[str, ...], weights: dict, images: data_lib.Split,
             tcfg: train.TrainConfig, workdir: pathlib.Path, seed: int,
             progress: bool) -> model_lib.Model:
@@ -81,12 +93,7 @@ def main() -> None:
   args = parser.parse_args()
   out = pathlib.Path(args.out) / ("quick" if args.quick else "full")
   results_path = HERE / "results" / "distill_cnn_teacher.json"
-  dataset = data_lib.load("fashion_mnist")
-  if args.quick:
-    import dataclasses
-    dataset = dataclasses.replace(dataset, train=dataset.train.take(slice(0, 1024)),
-                                  validation=dataset.validation.take(slice(0, 500)),
-                                  test=dataset.test.take(slice(0, 500)))
+  dataset = load_dataset(args.quick)
   epochs = dict(epochs=0.2) if args.quick else {}
   results: dict = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick}
 

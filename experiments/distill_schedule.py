@@ -44,9 +44,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
                              entry.cpu_device_flag(os.cpu_count())).strip()
 
-from distill_cnn_teacher import CANDIDATES, student  # noqa: E402
+from distill_cnn_teacher import CANDIDATES, load_dataset, student  # noqa: E402
 
-from vitjax import data as data_lib  # noqa: E402
 from vitjax import evaluate, export, recipes  # noqa: E402
 
 HERE = pathlib.Path(__file__).parent
@@ -69,12 +68,7 @@ def main() -> None:
                       choices=list(SCHEDULES))
   args = parser.parse_args()
   root = pathlib.Path(args.runs) / ("quick" if args.quick else "full")
-  dataset = data_lib.load("fashion_mnist")
-  if args.quick:
-    import dataclasses
-    dataset = dataclasses.replace(dataset, train=dataset.train.take(slice(0, 1024)),
-                                  validation=dataset.validation.take(slice(0, 500)),
-                                  test=dataset.test.take(slice(0, 500)))
+  dataset = load_dataset(args.quick)
   cnn_dir = root / "cnn-teacher" / recipes.MODEL_DIR
   if not cnn_dir.is_dir():
     raise SystemExit(f"{cnn_dir} is missing: run experiments/distill_cnn_teacher.py"
