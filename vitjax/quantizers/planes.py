@@ -81,7 +81,7 @@ def _normalized(dims, lhs_ndim: int, rhs_ndim: int):
           (tuple(a % lhs_ndim for a in lb), tuple(a % rhs_ndim for a in rb)))
 
 
-def rhs_codes(rhs: jax.Array | None, rhs_q: Uniform | aqt_tensor.QTensor, dims,
+def _rhs_codes(rhs: jax.Array | None, rhs_q: Uniform | aqt_tensor.QTensor, dims,
               lhs_ndim: int) -> tuple[jax.Array, jax.Array]:
   """The right operand's int8 codes and its scale laid out like the dot's
   output: a symmetric `Uniform` of the activation `rhs`, or the `QTensor` of
@@ -108,15 +108,17 @@ def planes_dot_general(lhs: Planes, rhs: jax.Array | None,
                        rhs_q: Uniform | aqt_tensor.QTensor, dims) -> jax.Array:
   """`lax.dot_general(lhs.values(), rhs_q(rhs), dims)` as one integer dot:
   every int8 plane times the right operand's int8 codes, accumulated in
-  int32, then scaled and summed in float32 (see `rhs_codes` for `rhs_q`).
+  int32, then scaled and summed in float32 (see `_rhs_codes` for `rhs_q`).
+  The int32 sums are exact; they convert to float32 exactly while the
+  contraction is shorter than 2^24 / (128 * 127), about 1,000 elements.
 
   Raises:
-    ValueError: what `rhs_codes` refuses.
+    ValueError: what `_rhs_codes` refuses.
   """
   lhs_ndim = lhs.codes.ndim - 1
   rhs_ndim = len(rhs.shape) if isinstance(rhs_q, Uniform) else rhs_q.qvalue.ndim
   dims = _normalized(dims, lhs_ndim, rhs_ndim)
-  codes, scale = rhs_codes(rhs, rhs_q, dims, lhs_ndim)
+  codes, scale = _rhs_codes(rhs, rhs_q, dims, lhs_ndim)
   (lc, rc), (lb, rb) = dims
   up = lambda axes: tuple(a + 1 for a in axes)  # noqa: E731  (the planes axis comes first)
   ints = lax.dot_general(lhs.codes, codes, ((up(lc), rc), (up(lb), rb)),
