@@ -248,6 +248,13 @@ def test_per_token_scales_and_a_per_channel_refusal():
   channel = Uniform(jnp.ones(16, jnp.float32) * 0.1, None, 8)
   with pytest.raises(ValueError, match="per-channel activation scale cannot feed"):
     quantized_dot_general(x, channel, w, wq, dims)
+  # The planes' integer dot refuses the same right operands, and a shifted one.
+  planes = Logarithmic(jnp.float32(1.0), 4, "2").planes(jnp.abs(x))
+  wide = Uniform(jnp.ones(5, jnp.float32) * 0.1, None, 8)
+  with pytest.raises(ValueError, match="per-channel activation scale cannot feed"):
+    planes_dot_general(planes, w, wide, dims)
+  with pytest.raises(ValueError, match="right operand of an integer matmul must be symmetric"):
+    planes_dot_general(planes, w, Uniform(jnp.float32(0.02), jnp.float32(0.1), 8), dims)
 
 
 @pytest.mark.parametrize("make, message", [

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from aqt.jax.v2 import aqt_tensor
 from jax import lax
 
-from vitjax.quantizers.uniform import Uniform, output_layout
+from vitjax.quantizers.uniform import Uniform, check_integer_operand, output_layout
 
 GROUP = 7  # exponents per plane: 2^0 .. 2^6 fit int8
 
@@ -88,14 +88,10 @@ def _rhs_codes(rhs: jax.Array | None, rhs_q: Uniform | aqt_tensor.QTensor, dims,
   a pre-quantized weight (then `rhs` is ignored).
 
   Raises:
-    ValueError: an asymmetric or per-channel `Uniform`.
+    ValueError: what `uniform.check_integer_operand` refuses.
   """
   if isinstance(rhs_q, Uniform):
-    if rhs_q.shift is not None:
-      raise ValueError("the right operand of an integer matmul must be symmetric "
-                       "(shift=None)")
-    if rhs_q.granularity == "channel":
-      raise ValueError("a per-channel activation scale cannot feed an integer matmul")
+    check_integer_operand(rhs_q, right=True)
     axes = dims[0][1]
     codes, scale, shape = rhs_q.codes(rhs, axes), rhs_q.scale_of(rhs, axes), rhs.shape
   else:

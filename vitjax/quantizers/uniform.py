@@ -128,11 +128,24 @@ def _contracting(dims, side: int, ndim: int) -> tuple[int, ...]:
   return tuple(a % ndim for a in dims[0][side])
 
 
-def _operand_qtensor(q: Uniform, x: jax.Array, axes: tuple[int, ...]) -> aqt_tensor.QTensor:
+def check_integer_operand(q: Uniform, right: bool = False) -> None:
+  """Refuses a Uniform that cannot feed an integer matmul as an operand.
+
+  Raises:
+    ValueError: a per-channel scale (it varies along the contracted axis), or
+      a shift on the right operand (`right`), which has no exact correction.
+  """
   if q.granularity == "channel":
     raise ValueError("a per-channel activation scale cannot feed an integer matmul "
                      "(it varies along the contracted axis); use granularity 'tensor' "
                      "or 'token', or fold channel scales away with reparameterize()")
+  if right and q.shift is not None:
+    raise ValueError("the right operand of an integer matmul must be symmetric "
+                     "(shift=None)")
+
+
+def _operand_qtensor(q: Uniform, x: jax.Array, axes: tuple[int, ...]) -> aqt_tensor.QTensor:
+  check_integer_operand(q)
   scale = q.scale_of(x, axes)
   scale = jnp.broadcast_to(scale, (1,) * x.ndim) if scale.ndim == 0 else scale
   return aqt_tensor.QTensor(qvalue=None, scale=[scale], scale_t=None, bias=[],
@@ -178,9 +191,7 @@ def quantized_dot_general(lhs: jax.Array, lhs_q: Uniform, rhs: jax.Array | None,
   """
   lhs_axes = _contracting(dims, 0, lhs.ndim)
   if isinstance(rhs_q, Uniform):
-    if rhs_q.shift is not None:
-      raise ValueError("the right operand of an integer matmul must be symmetric "
-                       "(shift=None)")
+    check_integer_operand(rhs_q, right=True)
     rhs_axes = _contracting(dims, 1, rhs.ndim)
     rhs_qt = _operand_qtensor(rhs_q, rhs, rhs_axes)
     bits = rhs_q.bits
