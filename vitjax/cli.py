@@ -129,6 +129,47 @@ def start_run(out: pathlib.Path, overwrite: bool, model_dir: pathlib.Path) -> No
   remove_run(out, RUN_ENTRIES, "a vitjax run")
 
 
+def _add_process_args(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group(
+      "multi-process run (one command per process, all with the same arguments; "
+      "TPU pods and managed GPU clusters detect what is left out)")
+  g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="address of process 0, where the processes meet")
+  g.add_argument("--num-processes", type=POSITIVE_INT, default=None)
+  g.add_argument("--process-id", type=COUNT, default=None,
+                 help="this process's index, 0..num-processes-1 (process 0 writes the "
+                      "model and prints the report)")
+
+
+def join_processes(args: argparse.Namespace) -> None:
+  """Joins the multi-process run that `--coordinator`, `--num-processes` and
+  `--process-id` name (`sharding.initialize_distributed`); nothing when none
+  of the three is given.
+
+  Raises:
+    ValueError: `--process-id` is not below `--num-processes`, or `--process-id`
+      comes without `--num-processes` (the id alone names no run).
+  """
+  given = (args.coordinator, args.num_processes, args.process_id)
+  if all(v is None for v in given):
+    return
+  if args.process_id is not None and args.num_processes is None:
+    raise ValueError(f"--process-id {args.process_id} needs --num-processes (and, on CPU "
+                     "hosts, --coordinator)")
+  if args.process_id is not None and args.process_id >= args.num_processes:
+    raise ValueError(f"--process-id {args.process_id} is outside 0..{args.num_processes - 1} "
+                     f"(--num-processes {args.num_processes})")
+  sharding.initialize_distributed(*given)
+
+
+def start_shared_run(out: pathlib.Path, overwrite: bool, model_dir: pathlib.Path) -> None:
+  """`start_run` in process 0 only (the others would race its deletion), then
+  a barrier, so no process looks for resumable state before it is settled."""
+  if sharding.is_writer():
+    start_run(out, overwrite, model_dir)
+  sharding.barrier(f"start_run:{out}")
+
+
 def remove_run(out: pathlib.Path, entries: set[str], what: str) -> None:
   """Deletes the run directory `out` (for --overwrite), if it exists.
 
@@ -216,6 +257,7 @@ def _ram_data(args: argparse.Namespace, recipe: dict) -> TrainData:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+  join_processes(args)
   init = export.load_model(recipes.model_dir_of(args.init)) if args.init else None
   if init is not None:
     recipe = recipes.TRANSFER_RECIPE
@@ -241,7 +283,7 @@ def cmd_train(args: argparse.Namespace) -> int:
   run_dir = pathlib.Path(args.out)
   model_dir = run_dir / recipes.MODEL_DIR
   if args.overwrite or not model_dir.exists():
-    start_run(run_dir, args.overwrite, model_dir)
+    start_shared_run(run_dir, args.overwrite, model_dir)
   if (model_dir / export.META_FILE).exists():
     print(f"reusing the finished run in {run_dir} if it was trained with these settings "
           "and data (--overwrite trains again)")
@@ -259,9 +301,10 @@ def cmd_train(args: argparse.Namespace) -> int:
   start = time.perf_counter()
   model = recipes.train_teacher(run_dir, config, images, cfg, seed=args.seed, init=init)
   print(f"took {time.perf_counter() - start:.0f} s")
-  r = evaluate.report(model, data.test, disk_bytes=export.disk_bytes(model_dir),
-                      choose_options=evaluate.fastest_options)
-  print(evaluate.format_report("teacher [test]", r))
+  if sharding.is_writer():
+    r = evaluate.report(model, data.test, disk_bytes=export.disk_bytes(model_dir),
+                        choose_options=evaluate.fastest_options)
+    print(evaluate.format_report("teacher [test]", r))
   return 0
 
 
@@ -450,11 +493,9 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-  if args.coordinator or args.num_processes:
-    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  join_processes(args)
   out = pathlib.Path(args.out)
-  if sharding.is_writer():
-    start_run(out, args.overwrite, out / recipes.MODEL_DIR)
+  start_shared_run(out, args.overwrite, out / recipes.MODEL_DIR)
   teacher_dirs = [recipes.model_dir_of(t) for t in args.teacher]
   members = tuple(export.load_model(d) for d in teacher_dirs)
   teacher = members[0] if len(members) == 1 else members
@@ -751,6 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="run directory: model/ and resumable train/ state")
   p.add_argument("--overwrite", action="store_true",
                  help="delete an earlier run in --out (finished or not) and train anew")
+  _add_process_args(p)
   _add_data_args(p)
   _add_folder_args(p)
   p.set_defaults(func=cmd_train)
@@ -845,9 +887,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "uses the validation images)")
   p.add_argument("--out", default="checkpoints/student")
   p.add_argument("--overwrite", action="store_true")
-  p.add_argument("--coordinator", default=None, help="multi-process: host:port of process 0")
-  p.add_argument("--num-processes", type=POSITIVE_INT, default=None)
-  p.add_argument("--process-id", type=COUNT, default=None)
+  _add_process_args(p)
   _add_data_args(p)
   _add_folder_args(p)
   p.set_defaults(func=cmd_distill)

@@ -36,6 +36,7 @@ import numpy as np
 from vitjax import data as data_lib
 from vitjax import model as model_lib
 from vitjax import progress as progress_lib
+from vitjax import sharding
 from vitjax import train as train_lib
 from vitjax.model import Model
 from vitjax.models.arch import Config
@@ -385,7 +386,8 @@ def cached_teacher(teacher: Teacher, split: data_lib.Split, train_cfg: train_lib
                    path: str | pathlib.Path, *, k: int = 10, progress: bool = True
                    ) -> TeacherCache:
   """Loads the cache at `path` if it matches this teacher, data and augmentation,
-  else computes it and writes it there.
+  else computes it and writes it there (process 0 writes it in a multi-process
+  run; every process computes it).
 
   Raises:
     ValueError: `split` is not an in-memory `data.Split` (a streamed dataset
@@ -404,7 +406,8 @@ def cached_teacher(teacher: Teacher, split: data_lib.Split, train_cfg: train_lib
   cache = load_cache(path, key)
   if cache is None:
     cache = build_teacher_cache(teacher, split, train_cfg, k=k, progress=progress)
-    save_cache(cache, path, key)
+    if sharding.is_writer():  # every process computes the same cache; one writes it
+      save_cache(cache, path, key)
   return cache
 
 

@@ -65,8 +65,9 @@ class EmulatedUniform:
     return jnp.where(self.on, codes * self.scale - self.shift, x).astype(x.dtype)
 
 
-OFF = EmulatedUniform(jnp.float32(1.0), jnp.float32(0.0), jnp.float32(127.0),
-                      jnp.asarray(False))
+# NumPy values, not jnp: an import must not start JAX's backends (a
+# multi-process run joins `jax.distributed` after importing vitjax).
+OFF = EmulatedUniform(np.float32(1.0), np.float32(0.0), np.float32(127.0), np.bool_(False))
 
 
 @dataclasses.dataclass(frozen=True)
