@@ -101,3 +101,19 @@ def with_noise(params, seed: int, scale: float = 0.3):
   return jax.tree_util.tree_map(
       lambda a: jnp.asarray(np.asarray(a) + scale * rng.standard_normal(a.shape),
                             np.float32), params)
+
+
+def count_model_writes() -> list[int]:
+  """Makes `export._write_model` count its calls in this process: returns a
+  one-item list whose item is the count so far (the multi-process workers
+  print it, to show that only process 0 writes the export)."""
+  from vitjax import export
+  count = [0]
+  write_model = export._write_model
+
+  def counting_write(*args, **kwargs):
+    count[0] += 1
+    return write_model(*args, **kwargs)
+
+  export._write_model = counting_write
+  return count

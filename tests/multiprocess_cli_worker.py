@@ -17,25 +17,15 @@ os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 "
                            "--xla_llvm_disable_expensive_passes=true")
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import TINY  # noqa: E402
-from vitjax import cli, export  # noqa: E402
+from helpers import TINY, count_model_writes  # noqa: E402
+from vitjax import cli  # noqa: E402
 from vitjax.models import config as config_lib  # noqa: E402
 
 process_id, port, args = sys.argv[1], sys.argv[2], sys.argv[3:]
 config_lib.PRESETS["tiny"] = TINY
 
-writes = 0
-write_model = export._write_model
-
-
-def counting_write(*a, **kw):
-  global writes
-  writes += 1
-  return write_model(*a, **kw)
-
-
-export._write_model = counting_write
+writes = count_model_writes()
 rc = cli.main(["train", *args, "--coordinator", f"localhost:{port}", "--num-processes", "2",
                "--process-id", process_id])
-print(f"model writes: {writes}", flush=True)
+print(f"model writes: {writes[0]}", flush=True)
 sys.exit(rc)

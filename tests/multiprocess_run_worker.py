@@ -29,23 +29,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import multiprocess_run_setup  # noqa: E402
+from helpers import count_model_writes, multiprocess_run_setup  # noqa: E402
 from vitjax import distill, export  # noqa: E402
 
 assert jax.process_count() == 2 and jax.device_count() == 4
 teacher, student, split, cfg, dcfg = multiprocess_run_setup()
 
-writes = 0
-write_model = export._write_model
-
-
-def counting_write(*args, **kwargs):
-  global writes
-  writes += 1
-  return write_model(*args, **kwargs)
-
-
-export._write_model = counting_write
+writes = count_model_writes()
 
 
 def die_at(step, metrics):
@@ -59,6 +49,6 @@ trained = distill.fit_student(teacher, student, split, cfg, dcfg,
                               on_step=die_at)
 export.save_model(trained, os.path.join(workdir, "model"), overwrite=True,
                   metadata={"run": "multiprocess test"})
-print(f"model writes: {writes}", flush=True)
+print(f"model writes: {writes[0]}", flush=True)
 np.savez(os.path.join(workdir, f"params-{process_id}.npz"),
          *[np.asarray(x) for x in jax.tree_util.tree_leaves(trained.params)])
