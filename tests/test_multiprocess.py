@@ -88,7 +88,8 @@ def test_train_cli_joins_two_processes_and_exports_once(tmp_path, monkeypatch):
     assert rc == 0, log[-3000:]
   (_, log0), (_, log1) = runs
   assert "model writes: 1" in log0 and "model writes: 0" in log1
-  # Process 0 alone scores the model and prints the report.
+  # Process 0 alone draws the progress bar, scores the model and prints the report.
+  assert "teacher: 100%" in log0 and "teacher:" not in log1
   assert "teacher [test]" in log0 and "teacher [test]" not in log1
   assert [p.name for p in (tmp_path / "two").iterdir() if p.name.startswith(".model")] == []
 
