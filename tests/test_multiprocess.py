@@ -29,14 +29,16 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_both(worker: pathlib.Path, *args: str) -> list[tuple[int, str]]:
+def _run_both(worker: pathlib.Path, *args: str, timeout: float = 300
+              ) -> list[tuple[int, str]]:
   """Runs `worker PROCESS_ID PORT *args` as processes 0 and 1; (rc, output) of each."""
   port = str(_free_port())
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   procs = [subprocess.Popen([sys.executable, str(worker), str(i), port, *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
            for i in range(2)]
-  return [(p.wait(timeout=300), p.stdout.read().decode(errors="replace")) for p in procs]
+  return [(p.wait(timeout=timeout), p.stdout.read().decode(errors="replace"))
+          for p in procs]
 
 
 def _launch(workdir: pathlib.Path, stop_at: int) -> list[tuple[int, str]]:
@@ -92,6 +94,14 @@ def test_train_cli_joins_two_processes_and_exports_once(tmp_path, monkeypatch):
   assert "teacher: 100%" in log0 and "teacher:" not in log1
   assert "teacher [test]" in log0 and "teacher [test]" not in log1
   assert [p.name for p in (tmp_path / "two").iterdir() if p.name.startswith(".model")] == []
+
+  # A refusal stops both processes alike (none is left waiting at a barrier):
+  # --overwrite of a directory holding someone else's file deletes nothing.
+  (tmp_path / "two" / "notes.txt").write_text("not a vitjax file")
+  for rc, log in _run_both(CLI_WORKER, *args, "--out", str(tmp_path / "two"), "--overwrite",
+                           timeout=120):
+    assert rc == 2 and "--overwrite would delete" in log and "notes.txt" in log, log[-3000:]
+  assert (tmp_path / "two" / "model").is_dir()
 
   # One process on one device, through the library, trains the same model
   # from the run's recorded settings and the recipe's images.

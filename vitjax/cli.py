@@ -110,10 +110,12 @@ def _load_data(args: argparse.Namespace) -> data_lib.Dataset:
   return data_lib.load(args.dataset, args.data_dir, num_classes=args.num_classes)
 
 
-def start_run(out: pathlib.Path, overwrite: bool, model_dir: pathlib.Path) -> None:
+def start_run(out: pathlib.Path, overwrite: bool, model_dir: pathlib.Path, *,
+              delete: bool = True) -> None:
   """Checks a run directory before any work: with `overwrite`, an earlier run
-  there is deleted (its model and its resumable state alike), so nothing stale
-  is resumed; without it, a finished model there is an error.
+  there is deleted (its model and its resumable state alike; only checked
+  when not `delete`), so nothing stale is resumed; without it, a finished
+  model there is an error.
 
   Raises:
     FileExistsError: `model_dir` holds a finished model and not `overwrite`.
@@ -126,7 +128,7 @@ def start_run(out: pathlib.Path, overwrite: bool, model_dir: pathlib.Path) -> No
       raise FileExistsError(f"{model_dir} holds a finished model; pass --overwrite to "
                             "start over, or another --out")
     return
-  remove_run(out, RUN_ENTRIES, "a vitjax run")
+  remove_run(out, RUN_ENTRIES, "a vitjax run", delete=delete)
 
 
 def _add_process_args(p: argparse.ArgumentParser) -> None:
@@ -163,15 +165,22 @@ def join_processes(args: argparse.Namespace) -> None:
 
 
 def start_shared_run(out: pathlib.Path, overwrite: bool, model_dir: pathlib.Path) -> None:
-  """`start_run` in process 0 only (the others would race its deletion), then
-  a barrier, so no process looks for resumable state before it is settled."""
-  if sharding.is_writer():
+  """`start_run` for every process of a run: each makes the checks (read-only,
+  on the one shared directory, so a refusal stops every process alike rather
+  than leaving some waiting at a barrier); then process 0 alone deletes under
+  `overwrite`, and a barrier holds the others until it has, so no process
+  looks for resumable state before it is settled."""
+  start_run(out, overwrite, model_dir, delete=False)
+  sharding.barrier(f"start_run-checked:{out}")
+  if overwrite and sharding.is_writer():
     start_run(out, overwrite, model_dir)
-  sharding.barrier(f"start_run:{out}")
+  sharding.barrier(f"start_run-done:{out}")
 
 
-def remove_run(out: pathlib.Path, entries: set[str], what: str) -> None:
-  """Deletes the run directory `out` (for --overwrite), if it exists.
+def remove_run(out: pathlib.Path, entries: set[str], what: str, *,
+               delete: bool = True) -> None:
+  """Deletes the run directory `out` (for --overwrite), if it exists; only
+  checks that it may when not `delete`.
 
   Raises:
     CheckpointError: `out` holds files other than `entries` (never deleted).
@@ -182,7 +191,8 @@ def remove_run(out: pathlib.Path, entries: set[str], what: str) -> None:
       raise export.CheckpointError(
           f"--overwrite would delete {out}, which holds {foreign[:5]} besides {what}; "
           "choose another --out")
-    shutil.rmtree(out)
+    if delete:
+      shutil.rmtree(out)
 
 
 @dataclasses.dataclass(frozen=True)
