@@ -82,7 +82,7 @@ def _normalized(dims, lhs_ndim: int, rhs_ndim: int):
 
 
 def _rhs_codes(rhs: jax.Array | None, rhs_q: Uniform | aqt_tensor.QTensor, dims,
-              lhs_ndim: int) -> tuple[jax.Array, jax.Array]:
+               lhs_ndim: int) -> tuple[jax.Array, jax.Array]:
   """The right operand's int8 codes and its scale laid out like the dot's
   output: a symmetric `Uniform` of the activation `rhs`, or the `QTensor` of
   a pre-quantized weight (then `rhs` is ignored).

@@ -144,8 +144,9 @@ def check_integer_operand(q: Uniform, right: bool = False) -> None:
                      "(shift=None)")
 
 
-def _operand_qtensor(q: Uniform, x: jax.Array, axes: tuple[int, ...]) -> aqt_tensor.QTensor:
-  check_integer_operand(q)
+def _operand_qtensor(q: Uniform, x: jax.Array, axes: tuple[int, ...], *,
+                    right: bool = False) -> aqt_tensor.QTensor:
+  check_integer_operand(q, right)
   scale = q.scale_of(x, axes)
   scale = jnp.broadcast_to(scale, (1,) * x.ndim) if scale.ndim == 0 else scale
   return aqt_tensor.QTensor(qvalue=None, scale=[scale], scale_t=None, bias=[],
@@ -191,9 +192,8 @@ def quantized_dot_general(lhs: jax.Array, lhs_q: Uniform, rhs: jax.Array | None,
   """
   lhs_axes = _contracting(dims, 0, lhs.ndim)
   if isinstance(rhs_q, Uniform):
-    check_integer_operand(rhs_q, right=True)
     rhs_axes = _contracting(dims, 1, rhs.ndim)
-    rhs_qt = _operand_qtensor(rhs_q, rhs, rhs_axes)
+    rhs_qt = _operand_qtensor(rhs_q, rhs, rhs_axes, right=True)
     bits = rhs_q.bits
   else:
     rhs_qt = rhs_q.replace(dequant_dtype=lhs.dtype)
