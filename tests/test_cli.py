@@ -110,3 +110,27 @@ def test_entry_point_turns_on_the_compile_cache_unless_told_otherwise():
       "JAX_COMPILATION_CACHE_DIR": env["JAX_COMPILATION_CACHE_DIR"]}
   with pytest.raises(ValueError, match="VITJAX_COMPILE_CACHE='yes'; choose 'on' or 'off'"):
     entry.compile_cache_env({"VITJAX_COMPILE_CACHE": "yes"})
+
+
+def test_the_entry_points_compile_cache_stores_programs(tmp_path):
+  """The cache as the entry point sets it up (a directory and a size bound)
+  writes a compiled program and reads it back. JAX honours the size bound only
+  with filelock, which vitjax declares: the main job's install once lacked it
+  (torch brought it to the tests'), and every cache read failed there."""
+  import importlib.metadata
+  import subprocess
+  import sys
+
+  from vitjax import entry
+  assert any(re.match(r"filelock\b", r) for r in importlib.metadata.requires("vitjax"))
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  env.update(entry.compile_cache_env(env), JAX_COMPILATION_CACHE_DIR=str(tmp_path),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  program = "import jax; print(jax.jit(lambda x: x * 3)(2.0))"
+  for _ in range(2):
+    done = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "6.0"
+    assert "cache" not in done.stderr.lower(), done.stderr
+    assert [p for p in tmp_path.iterdir() if not p.name.endswith("-atime")]
