@@ -1,8 +1,8 @@
 """Does a longer or more strongly augmented schedule make distillation pay more?
 
-`experiments/distill_cnn_teacher.py` chose the teacher (CNN + ViT ensemble)
-and the targets (hard + soft, T=4) at the student recipe's own schedule: 9
-epochs, no augmentation. Distillation often wants more: DeiT trains for
+`experiments/distill_cnn_teacher.py` chose the teacher and the targets at
+the student recipe's own schedule (9 epochs, no augmentation); this script
+takes its choice from experiments/results/distill_cnn_teacher.json. Distillation often wants more: DeiT trains for
 300-1000 epochs with heavy augmentation, and "function matching" (Beyer et
 al. 2022) shows the teacher's targets on augmented views of each image.
 This script varies the schedule, on the validation split only, for both the
@@ -24,9 +24,10 @@ validation images. The test split is not read.
   .venv/bin/python experiments/distill_schedule.py       # ~90 min on 2 EPYC cores
   .venv/bin/python experiments/distill_schedule.py --quick
 
-Needs the CNN teacher and base runs of `experiments/distill_cnn_teacher.py`
-(checkpoints/distill_cnn_teacher/full) and the survey's ViT teacher. Every run
-is resumable and reused; results go to
+Needs the two teachers and the base runs of
+`experiments/distill_cnn_teacher.py` (checkpoints/distill_cnn_teacher/full),
+both teachers trained on the training split only. Every run is resumable and
+reused; results go to
 experiments/results/distill_schedule.{json,md}.
 """
 
@@ -49,7 +50,6 @@ from distill_cnn_teacher import CANDIDATES, load_dataset, student  # noqa: E402
 from vitjax import evaluate, export, recipes  # noqa: E402
 
 HERE = pathlib.Path(__file__).parent
-RECIPE = "cnn+vit-soft"  # distill_cnn_teacher.py's validation choice
 # schedule -> TrainConfig overrides of the student recipe
 SCHEDULES: dict[str, dict] = {
     "base": {},
@@ -63,20 +63,21 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="plumbing check: tiny budgets")
   parser.add_argument("--runs", default="checkpoints/distill_cnn_teacher")
-  parser.add_argument("--vit-teacher", default="checkpoints/survey/teacher")
   parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES),
                       choices=list(SCHEDULES))
   args = parser.parse_args()
   root = pathlib.Path(args.runs) / ("quick" if args.quick else "full")
   dataset = load_dataset(args.quick)
-  cnn_dir = root / "cnn-teacher" / recipes.MODEL_DIR
-  if not cnn_dir.is_dir():
-    raise SystemExit(f"{cnn_dir} is missing: run experiments/distill_cnn_teacher.py"
-                     f"{' --quick' if args.quick else ''} first")
-  teachers = {"cnn": export.load_model(cnn_dir),
-              "vit": export.load_model(recipes.model_dir_of(args.vit_teacher))}
+  teachers = {}
+  for name in ("cnn", "vit"):
+    model_dir = root / f"{name}-teacher" / recipes.MODEL_DIR
+    if not model_dir.is_dir():
+      raise SystemExit(f"{model_dir} is missing: run experiments/distill_cnn_teacher.py"
+                       f"{' --quick' if args.quick else ''} first")
+    teachers[name] = export.load_model(model_dir)
   images = dataset.train
-  results: dict = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "recipe": RECIPE,
+  recipe = json.loads((HERE / "results" / "distill_cnn_teacher.json").read_text())["chosen"]
+  results: dict = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "recipe": recipe,
                    "schedules": SCHEDULES, "validation": {}}
   for schedule in args.schedules:
     overrides = dict(SCHEDULES[schedule])
@@ -84,7 +85,7 @@ def main() -> None:
       overrides["epochs"] = 0.2 * overrides.get("epochs", 9.0) / 9.0
     tcfg = recipes.student_train_config("tiny-student", len(images), **overrides)
     row = {"steps": tcfg.steps}
-    for name in (RECIPE, "no-teacher"):
+    for name in (recipe, "no-teacher"):
       names, weights = CANDIDATES[name]
       # The base schedule is distill_cnn_teacher.py's own run (same config).
       workdir = root / "val" / name if schedule == "base" else (
@@ -94,7 +95,7 @@ def main() -> None:
       row[name] = {"accuracy": 100 * evaluate.accuracy(m, dataset.validation),
                    "seconds": round(time.perf_counter() - t, 1)}
       print(schedule, name, row[name], flush=True)
-    row["gain"] = row[RECIPE]["accuracy"] - row["no-teacher"]["accuracy"]
+    row["gain"] = row[recipe]["accuracy"] - row["no-teacher"]["accuracy"]
     results["validation"][schedule] = row
   text = markdown(results)
   if not args.quick:
