@@ -2,9 +2,10 @@
 
 `experiments/distill_cnn_teacher.py` chose the teacher and the targets at
 the student recipe's own schedule (9 epochs, no augmentation); this script
-takes its choice from experiments/results/distill_cnn_teacher.json. Distillation often wants more: DeiT trains for
-300-1000 epochs with heavy augmentation, and "function matching" (Beyer et
-al. 2022) shows the teacher's targets on augmented views of each image.
+takes its choice from experiments/results/distill_cnn_teacher.json.
+Distillation often wants more: DeiT trains for 300-1000 epochs with heavy
+augmentation, and "function matching" (Beyer et al. 2022) shows the
+teacher's targets on augmented views of each image.
 This script varies the schedule, on the validation split only, for both the
 distilled student and the same student trained on labels alone (same steps,
 batches and augmentation), so the gain of each schedule is measured on the
