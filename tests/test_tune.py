@@ -376,6 +376,38 @@ def test_tune_reports_the_closest_policy_when_none_meets_the_budget(model, datas
   assert (tmp_path / "t" / "model").exists()
 
 
+def test_a_policy_that_compresses_nothing_is_never_chosen(model, dataset, emulator,
+                                                          tmp_path):
+  # Only the uncompressed policy meets this budget (as emulated); the tuner
+  # must not return (or fail on) it, but the closest compressing policy.
+  tspace = tuner.Space(emulator, SMALL)
+  n = len(emulator.layers)
+  fp32, w4 = tspace.genome([0] * n), tspace.genome([SMALL.menu.index("w4")] * n)
+  assert not tuner._compresses(tspace.plan(fp32)) and tuner._compresses(tspace.plan(w4))
+  fp32_bytes = emulator.stored_bytes(emulate.Plan({}))
+  entries = [{"genome": list(g), "drop": drop, "accuracy": 90.0 - drop, "bytes": b,
+              "bytes_ratio": b / fp32_bytes, "evaluation": i}
+             for i, (g, drop, b) in enumerate(((fp32, 0.0, fp32_bytes),
+                                               (w4, 30.0, fp32_bytes // 7)))]
+  budget = tuner.Budget(max_drop=0.5)
+  best = {"entry": None}
+  for entry in entries:
+    tuner._keep_best(best, entry, budget, tspace, tmp_path)
+  assert best["entry"]["genome"] == list(w4) and not best["feasible"]
+  calibration = dataset.calibration.take(slice(0, 32))
+  validation = dataset.validation.take(slice(0, 32))
+  chosen, real, feasible = tuner._choose(model, entries, budget, tspace, emulator,
+                                         fp32_bytes, calibration, validation, SMALL,
+                                         tmp_path, lambda *a: None)
+  # Ranked first by its emulated drop, the uncompressed policy is passed over;
+  # the compressing one is built and measured for real.
+  assert chosen["genome"] == list(w4) and feasible == (chosen["real_drop"] <= 0.5)
+  assert model_lib.stored_bytes(real) < fp32_bytes / 2
+  with pytest.raises(ValueError, match="no policy that compresses anything"):
+    tuner._choose(model, entries[:1], budget, tspace, emulator, fp32_bytes, calibration,
+                  validation, SMALL, tmp_path, lambda *a: None)
+
+
 def test_tune_refusals(model, dataset, tmp_path):
   with pytest.raises(ValueError, match="max_drop or max_bytes_ratio"):
     tuner.Budget()

@@ -399,6 +399,13 @@ def _describe(plan: Plan) -> dict[str, Any]:
           "mlp": None if plan.mlp is None else list(plan.mlp)}
 
 
+def _compresses(plan: Plan) -> bool:
+  """Whether `plan` changes the model: a layer not fp32, or a head or neuron
+  count given."""
+  return (any(s != LayerSetting() for s in plan.settings.values())
+          or plan.heads is not None or plan.mlp is not None)
+
+
 def _best_text(best: dict[str, Any]) -> str:
   e = best["entry"]
   if e is None:
@@ -420,7 +427,10 @@ def _rank_key(entry: dict[str, Any], budget: Budget) -> tuple:
 
 def _keep_best(best: dict[str, Any], entry: dict[str, Any], budget: Budget, tspace: Space,
                out: pathlib.Path) -> None:
-  """Writes best_policy.json when `entry` beats the best so far."""
+  """Writes best_policy.json when `entry` beats the best so far (a policy
+  that compresses nothing never does)."""
+  if not _compresses(tspace.plan(tuple(entry["genome"]))):
+    return
   if best["entry"] is not None and _rank_key(entry, budget) >= _rank_key(best["entry"], budget):
     return
   best["entry"] = entry
@@ -529,7 +539,19 @@ def _choose(model: Model, entries: list[dict], budget: Budget, tspace: Space,
             validation: data_lib.Split, config: TuneConfig, out: pathlib.Path, say: Any
             ) -> tuple[dict[str, Any], Model, bool]:
   """The first candidate (feasible ones by preference) whose real model
-  meets the budget; else the closest one measured."""
+  meets the budget; else the closest one measured. Policies that compress
+  nothing (every layer fp32, all heads and neurons kept) are not candidates:
+  when only those meet the budget, the closest compressing one is returned,
+  marked infeasible.
+
+  Raises:
+    ValueError: no evaluated policy compresses anything.
+  """
+  entries = [e for e in entries if _compresses(tspace.plan(tuple(e["genome"])))]
+  if not entries:
+    raise ValueError("the search evaluated no policy that compresses anything; give the "
+                     "tuner more evaluations or time (TuneConfig.search.evaluations, "
+                     "TuneConfig.time_budget_s)")
   ranked = sorted(entries, key=lambda e: _rank_key(e, budget))
   candidates = [e for e in ranked if budget.violation(e["drop"], e["bytes_ratio"]) == 0]
   candidates = candidates[:config.candidates] or ranked[:1]
