@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import MINI_STUDENT, MINI_TEACHER
-from vitjax import data, evaluate, export, recipes, survey
+from vitjax import data, evaluate, export, recipes, survey, train
 from vitjax import model as model_lib
 
 
@@ -44,7 +44,8 @@ def test_survey_writes_every_method_with_consistent_figures(tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   assert "| student+int8 |" in done.stdout  # the CLI printed the table
   tmp_path = out
-  test = data.load("npz", out.parent / "data").test.take(slice(0, 500))
+  dataset = data.load("npz", out.parent / "data")
+  test = dataset.test.take(slice(0, 500))
   results = json.loads((tmp_path / "results.json").read_text())
   rows = results["rows"]
   assert set(rows) == {"teacher", survey.CNN_TEACHER} | {m.name for m in survey.METHODS}
@@ -54,6 +55,11 @@ def test_survey_writes_every_method_with_consistent_figures(tmp_path):
   for name, note in results["notes"].items():
     assert f"**Note on {name}:** {note}." in (tmp_path / "results.md").read_text()
   assert rows["teacher"]["build_seconds"] > 0 and rows[survey.CNN_TEACHER]["build_seconds"] > 0
+  # The teacher trained on the training images alone: the tuned row chooses on
+  # the validation images, which its recipe's final fit would have seen.
+  assert len(dataset.validation) > 0
+  teacher_meta = export.read_metadata(out / "teacher" / recipes.MODEL_DIR)["metadata"]
+  assert teacher_meta["data"] == train.data_fingerprint(dataset.train)
   assert (tmp_path / "pareto.png").stat().st_size > 10_000
   teacher_disk = export.disk_bytes(tmp_path / "teacher" / recipes.MODEL_DIR)
   assert rows["teacher"]["disk_bytes"] == teacher_disk

@@ -346,7 +346,9 @@ def run(settings: Settings, out: str | pathlib.Path = "checkpoints/survey", *,
   stages.set_postfix_str("teacher")
   teacher_run = pathlib.Path(teacher_dir or out / "teacher")
   config = recipes.model_config(settings.preset, dataset)
-  images = recipes.teacher_images(settings.preset, dataset).take(
+  # The teacher never sees the validation images (unlike its recipe's final
+  # fit): rows built from it choose on them (the tuned row's drop budget).
+  images = recipes.teacher_images(settings.preset, dataset, hold_out_validation=True).take(
       slice(0, settings.train_images))
   tcfg = recipes.teacher_train_config(settings.preset, len(images),
                                       epochs=settings.teacher_epochs)
