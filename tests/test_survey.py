@@ -55,11 +55,15 @@ def test_survey_writes_every_method_with_consistent_figures(tmp_path):
   for name, note in results["notes"].items():
     assert f"**Note on {name}:** {note}." in (tmp_path / "results.md").read_text()
   assert rows["teacher"]["build_seconds"] > 0 and rows[survey.CNN_TEACHER]["build_seconds"] > 0
-  # The teacher trained on the training images alone: the tuned row chooses on
-  # the validation images, which its recipe's final fit would have seen.
+  # The teacher and the students trained on the training images alone: the
+  # tuned row chooses on the validation images, which the recipes' final fits
+  # would have seen.
   assert len(dataset.validation) > 0
   teacher_meta = export.read_metadata(out / "teacher" / recipes.MODEL_DIR)["metadata"]
   assert teacher_meta["data"] == train.data_fingerprint(dataset.train)
+  for name in ("student", survey.NO_TEACHER):
+    meta = json.loads((out / name / recipes.TRAIN_DIR / "train_meta.json").read_text())
+    assert meta["data"] == train.data_fingerprint(dataset.train), name
   assert (tmp_path / "pareto.png").stat().st_size > 10_000
   teacher_disk = export.disk_bytes(tmp_path / "teacher" / recipes.MODEL_DIR)
   assert rows["teacher"]["disk_bytes"] == teacher_disk

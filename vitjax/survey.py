@@ -133,10 +133,11 @@ class Context:
     return team[0] if len(team) == 1 else team
 
   def student_setup(self) -> tuple[Any, data_lib.Split, Any]:
-    """(student config, training images, TrainConfig) of both student rows."""
+    """(student config, training images, TrainConfig) of both student rows;
+    the training split only, validation held out."""
     name = recipes.STUDENT_PRESETS[self.settings.preset]
     config = recipes.student_config(name, self.teacher.config)
-    images = recipes.student_images(name, self.dataset).take(
+    images = recipes.student_images(name, self.dataset, hold_out_validation=True).take(
         slice(0, self.settings.train_images))
     tcfg = recipes.student_train_config(name, len(images), epochs=self.settings.student_epochs)
     return config, images, tcfg
@@ -346,8 +347,9 @@ def run(settings: Settings, out: str | pathlib.Path = "checkpoints/survey", *,
   stages.set_postfix_str("teacher")
   teacher_run = pathlib.Path(teacher_dir or out / "teacher")
   config = recipes.model_config(settings.preset, dataset)
-  # The teacher never sees the validation images (unlike its recipe's final
-  # fit): rows built from it choose on them (the tuned row's drop budget).
+  # No model of the survey sees the validation images (unlike the teacher and
+  # student recipes' final fits): rows choose on them (the tuned row's drop
+  # budget), and the distillation recipe was chosen so (distill_cnn_teacher).
   images = recipes.teacher_images(settings.preset, dataset, hold_out_validation=True).take(
       slice(0, settings.train_images))
   tcfg = recipes.teacher_train_config(settings.preset, len(images),
