@@ -310,6 +310,10 @@ def test_import_finetune_quantize_export_from_a_timm_file(world, tmp_path, capsy
   out = capsys.readouterr().out
   assert re.search(r"[1-9]\d* integer dot_general ops", out), out
   assert "max |logit difference| 0.00e+00" in out
+  # Without --out the artifact goes beside the run: <run dir>-stablehlo.
+  assert cli.main(["export", str(tmp_path / "ft" / "model")]) == 0
+  assert f"wrote {tmp_path / 'ft'}-stablehlo " in capsys.readouterr().out
+  assert (tmp_path / "ft-stablehlo").is_dir()
   (tmp_path / "w.pth").write_bytes(b"\x80")
   assert cli.main(["import", str(tmp_path / "w.pth"), "--out", str(tmp_path / "x")]) == 2
   assert "pickle" in capsys.readouterr().err

@@ -692,7 +692,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
   model_dir = recipes.model_dir_of(args.checkpoint)
   model = export.load_model(model_dir)
-  out = pathlib.Path(args.out or f"{model_dir.parent if model_dir.name == recipes.MODEL_DIR else model_dir}-stablehlo")
+  run_dir = model_dir.parent if model_dir.name == recipes.MODEL_DIR else model_dir
+  out = pathlib.Path(args.out or f"{run_dir}-stablehlo")
   batch = None if args.batch == "dynamic" else int(args.batch)
   start = time.perf_counter()
   signature = stablehlo.save(model, out, batch=batch, input_shape=args.input_shape,

@@ -15,8 +15,9 @@ one's compiler options, which `evaluate` passes on to
 `jax.jit(..., compiler_options=...)`. The choice is per executable, so a
 process can hold float and integer models compiled differently, and it is
 never made silently: vitjax's command line and survey call it; library
-functions compile with XLA's defaults unless given options. `xla_flags(options)` spells the same choice as an `XLA_FLAGS` entry
-for a whole process.
+functions compile with XLA's defaults unless given options.
+`xla_flags(options)` spells the same choice as an `XLA_FLAGS` entry for a
+whole process.
 """
 
 from __future__ import annotations

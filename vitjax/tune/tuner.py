@@ -149,7 +149,8 @@ class TuneConfig:
         raise ValueError(f"keeps: {k} is outside (0, 1)")
     if self.a_bits is not None:
       space.LayerSetting(a_bits=self.a_bits)
-    for name in ("eval_images", "sensitivity_images", "calibration", "hessian_probes", "ilp_budgets", "candidates"):
+    for name in ("eval_images", "sensitivity_images", "calibration", "hessian_probes",
+                 "ilp_budgets", "candidates"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
     if self.time_budget_s is not None and self.time_budget_s <= 0:
