@@ -14,8 +14,10 @@ Every model is scored on the 5,000 validation images (the tuner's criterion)
 and its checkpoint written to disk (bytes as stored); then all are scored once
 on the test split.
 
-The survey's teacher recipe trains on the validation images as well, so
-validation drops run small next to test drops; validation only chooses.
+The survey's teacher trains on the 55,000 training images only (since the
+night of 2026-11-30; before, its recipe's final fit took the validation
+images too and validation drops ran small next to test drops). Validation
+only chooses.
 
   .venv/bin/python experiments/tune_tiny.py            # ~25 min on 2 cores
   .venv/bin/python experiments/tune_tiny.py --quick    # plumbing
