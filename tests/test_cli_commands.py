@@ -257,7 +257,8 @@ def test_train_reuses_a_finished_run_only_with_the_same_settings(world, tmp_path
   assert cli.main(base + ["--steps", "2"]) == 0
   assert "reusing the finished run" in capsys.readouterr().out
   assert cli.main(base + ["--steps", "3"]) == 2
-  assert "trained with other train" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "trained with other train" in err and f"delete {run} " in err
   assert cli.main(base + ["--steps", "3", "--overwrite"]) == 0
   saved = export.read_metadata(run / recipes.MODEL_DIR)["metadata"]
   assert saved["train"]["steps"] == 3

@@ -248,7 +248,8 @@ def train_teacher(run_dir: str | pathlib.Path, config: Config,
     diffs = [k for k in recipe if saved.get(k) != recipe[k]]
     if diffs:
       raise ValueError(f"{model_dir} was trained with other {', '.join(diffs)} than this "
-                       "run asks for; delete it (CLI: --overwrite) or use another directory")
+                       f"run asks for; delete {run_dir} (`vitjax train --overwrite` does; "
+                       "`vitjax survey --overwrite` keeps teachers) or use another directory")
     return export.load_model(model_dir, expect_config=config)
   start = init if init is not None else model_lib.init(config, seed)
   trained = train.fit(start, images, cfg,
