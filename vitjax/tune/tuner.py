@@ -245,8 +245,9 @@ def tune(model: Model, dataset: data_lib.Dataset, budget: Budget,
 
   Raises:
     ValueError: a compressed model or a CNN, a dataset without validation
-      images, another search's history in `out`, what `Emulator`, `Budget`
-      and `TuneConfig` refuse.
+      images, another search's history in `out`, a search that evaluated no
+      policy that compresses anything, what `Emulator`, `Budget` and
+      `TuneConfig` refuse.
   """
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
