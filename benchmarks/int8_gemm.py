@@ -36,7 +36,6 @@ import argparse
 import json
 import pathlib
 import statistics
-import time
 from typing import Callable
 
 import jax
@@ -46,7 +45,7 @@ import torch
 from jax import lax
 
 import peer
-from vitjax import xla_cpu
+from vitjax import evaluate, xla_cpu
 
 TOKENS = 197  # a 224x224 image in 16x16 patches, plus the class token
 BATCHES = (1, 64)
@@ -73,12 +72,9 @@ def jax_kernels(x: np.ndarray, w: np.ndarray) -> dict[str, Callable[[], object]]
   exact = np.asarray(s8(xs, ws))
   if not np.array_equal(np.asarray(bf16(xb, wb)).astype(np.int64), exact):
     raise AssertionError("the bfloat16 product of int8 codes is not the int32 product")
-  return {"xla-f32": lambda: f32(xf, wf).block_until_ready(),
-          "xla-f32-ynn-off": lambda: f32_off(xf, wf).block_until_ready(),
-          "xla-s8": lambda: s8(xs, ws).block_until_ready(),
-          "xla-s8-ynn-off": lambda: s8_off(xs, ws).block_until_ready(),
-          "xla-u8s8": lambda: s8(xu, ws).block_until_ready(),
-          "xla-s8-as-bf16": lambda: bf16(xb, wb).block_until_ready()}
+  return {"xla-f32": lambda: f32(xf, wf), "xla-f32-ynn-off": lambda: f32_off(xf, wf),
+          "xla-s8": lambda: s8(xs, ws), "xla-s8-ynn-off": lambda: s8_off(xs, ws),
+          "xla-u8s8": lambda: s8(xu, ws), "xla-s8-as-bf16": lambda: bf16(xb, wb)}
 
 
 def torch_kernels(x: np.ndarray, w: np.ndarray) -> dict[str, Callable[[], object]]:
@@ -105,22 +101,6 @@ def torch_kernels(x: np.ndarray, w: np.ndarray) -> dict[str, Callable[[], object
           "torch.ao-dynamic": run(lambda: dynamic(xf))}
 
 
-def time_rounds(kernels: dict[str, Callable[[], object]], rounds: int, calls: int
-                ) -> dict[str, list[float]]:
-  """Seconds per call of every kernel in each round; the kernels run in turn
-  within a round, after one warm-up call each."""
-  for f in kernels.values():
-    f()
-  times: dict[str, list[float]] = {name: [] for name in kernels}
-  for _ in range(rounds):
-    for name, f in kernels.items():
-      t = time.perf_counter()
-      for _ in range(calls):
-        f()
-      times[name].append((time.perf_counter() - t) / calls)
-  return times
-
-
 def measure(dim: int, mlp_dim: int, rounds: int) -> dict:
   rng = np.random.default_rng(0)
   result = {}
@@ -130,7 +110,8 @@ def measure(dim: int, mlp_dim: int, rounds: int) -> dict:
       x = rng.integers(-127, 128, (rows, n_in)).astype(np.int8)
       w = rng.integers(-127, 128, (n_in, n_out)).astype(np.int8)
       kernels = {**jax_kernels(x, w), **torch_kernels(x, w)}
-      times = time_rounds(kernels, rounds, calls=20 if batch == 1 else 2)
+      times = evaluate.round_robin(kernels, rounds=rounds, calls=20 if batch == 1 else 2,
+                                   warmup=1)
       macs = rows * n_in * n_out
       result[f"b={batch} {layer}"] = {
           name: {"ms": statistics.median(t) * 1e3, "ms_min": min(t) * 1e3,
