@@ -18,10 +18,12 @@ teacher against the same student trained on labels alone.
   .venv/bin/python experiments/distill_cnn_teacher.py        # ~60-100 min on 2 EPYC cores
   .venv/bin/python experiments/distill_cnn_teacher.py --quick
 
-The survey's own ViT teacher is no candidate here: its recipe's final fit
-trains on the validation images as well (93% there against ~90% on test), so
-on validation it would flatter every ViT-taught student. Every run is
-resumable and reused; results go to
+The ViT teacher is trained here rather than taken from the survey: the
+survey's teacher of 2026-11-30 and before was its recipe's final fit, which
+also trained on the validation images (93% there against ~90% on test) and
+so flattered every ViT-taught student on validation. Since then the survey
+trains its teacher the same way as this script. Every run is resumable and
+reused; results go to
 experiments/results/distill_cnn_teacher.{json,md}.
 """
 
