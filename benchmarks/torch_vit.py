@@ -92,7 +92,8 @@ class TorchViT(nn.Module):
     conv = emb.reshape(cfg.patch_size, cfg.patch_size, c_in, cfg.dim).transpose(3, 2, 0, 1)
     self.embed.weight.data = _t(conv).contiguous()
     self.embed.bias.data = _t(p["embedding"]["bias"])
-    self.embed_norm = _layernorm(p["embedding_norm"], cfg.norm_eps) if cfg.tokenizer == "spt" else None
+    self.embed_norm = (_layernorm(p["embedding_norm"], cfg.norm_eps)
+                       if cfg.tokenizer == "spt" else None)
     prefix = [_t(p[n]) for n in ("cls", "dist") if n in p]
     self.prefix = nn.Parameter(torch.cat(prefix, dim=1)) if prefix else None
     self.pos = nn.Parameter(_t(p["pos_embedding"]))

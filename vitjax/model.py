@@ -1,10 +1,10 @@
 """`Model(config, params, sites)`: the value every vitjax transform takes and returns.
 
-`config` is a frozen `ViTConfig` (or a CNN teacher's `CNNConfig`; static under jit); `params` is a plain pytree
-whose weight leaves may be arrays or compressed leaves; `sites` maps
-quantization-site addresses (`vitjax.models.sites`) to activation quantizers.
-A `Model` is itself a pytree (config as static metadata), so it passes through
-`jax.jit` whole.
+`config` is a frozen `ViTConfig` (or a CNN teacher's `CNNConfig`; static under
+jit); `params` is a plain pytree whose weight leaves may be arrays or
+compressed leaves; `sites` maps quantization-site addresses
+(`vitjax.models.sites`) to activation quantizers. A `Model` is itself a pytree
+(config as static metadata), so it passes through `jax.jit` whole.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Each returns a `Model -> Model` transform over the linear layers that match
 `layers` and not `exclude` (regex over layer paths; the patch embedding is a
 linear layer like any other); all but `static_int8`, which also calibrates
-the layers' input sites, are `LayerTransform`s that `only` can narrow. Weights are quantized symmetrically per
-output channel with AQT's quantizer into a `QuantizedWeight` leaf.
+the layers' input sites, are `LayerTransform`s that `only` can narrow.
+Weights are quantized symmetrically per output channel with AQT's quantizer
+into a `QuantizedWeight` leaf.
 
   weight_only(bits)         int8/int4 weights, float activations;
   dynamic_int8()            int8 weights, int8 activations scaled per token at
