@@ -218,6 +218,31 @@ def test_reparameterization_keeps_fp32_outputs_and_equalizes_channel_ranges():
     reparam.reparameterize(calib, progress=False)(quantize.weight_only(8)(m))
 
 
+def test_calibration_keeps_a_random_sample_of_each_batch_without_repeats():
+  m = noisy_model()
+  calib = _calibration(n=8)
+  address = f"{BLOCK}/MlpBlock_3/Dense_0/input"
+  seen = model_lib.site_inputs(m, preprocess(calib.images, TINY))[address]
+  rows = np.asarray(seen).reshape(-1, seen.shape[-1])
+  per_batch = 4 * len(rows) // 8
+
+  def sample(seed):
+    return site_calibration.record(m, calib, [address], batch_size=4, max_rows=20, seed=seed,
+                                   progress=False)[address].values
+
+  got = sample(0)
+  idx = [int(np.argmin(np.abs(rows - r).sum(1))) for r in got[:-2]]
+  np.testing.assert_allclose(got[:-2], rows[idx], rtol=1e-5, atol=1e-6)
+  # 10 rows of each of the 2 batches, none twice, and not the batch's first rows.
+  assert len(idx) == 20 and len(set(idx)) == 20
+  assert [i // per_batch for i in idx] == [0] * 10 + [1] * 10
+  assert max(i % per_batch for i in idx) >= 10
+  # The extremes are over every row, not the sample.
+  np.testing.assert_allclose(got[-2:], [rows.min(0), rows.max(0)], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(sample(0), got)
+  assert not np.array_equal(sample(1)[:-2], got[:-2])
+
+
 def test_hessian_weights_are_squared_loss_gradients_of_each_value():
   m = noisy_model()
   calib = _calibration(n=4)

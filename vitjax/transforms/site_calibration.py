@@ -93,21 +93,18 @@ def record(model: Model, calibration: Any, addresses: list[str], *,
   wanted = list(addresses)
   grad_sites = [a for a in wanted if a in gradients]
 
-  def summarize(values: Any, grads: Any, key: jax.Array) -> Any:
-    def one(x, g, k):
+  def summarize(values: Any, grads: Any, idx: Any) -> Any:
+    def one(x, g, i):
       rows = _rows(x)
-      idx = jax.random.choice(k, rows.shape[0], (min(per_batch, rows.shape[0]),),
-                              replace=False)
-      return {"rows": rows[idx], "lo": rows.min(0), "hi": rows.max(0),
-              "g2": None if g is None else jnp.square(_rows(g)[idx])}
+      return {"rows": rows[i], "lo": rows.min(0), "hi": rows.max(0),
+              "g2": None if g is None else jnp.square(_rows(g)[i])}
     if isinstance(values, dict):
-      keys = jax.random.split(key, 2)
-      return {side: one(values[side], None if grads is None else grads[side], k)
-              for side, k in zip(("lhs", "rhs"), keys)}
-    return one(values, grads, key)
+      return {side: one(values[side], None if grads is None else grads[side], idx[side])
+              for side in ("lhs", "rhs")}
+    return one(values, grads, idx)
 
   @jax.jit
-  def batch_stats(m: Model, x: jax.Array, key: jax.Array) -> dict[str, Any]:
+  def batch_stats(m: Model, x: jax.Array, idx: dict[str, Any]) -> dict[str, Any]:
     x = preprocess(x, config)
     shapes = jax.eval_shape(lambda: model_lib.site_inputs(m, x))
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
@@ -124,15 +121,28 @@ def record(model: Model, calibration: Any, addresses: list[str], *,
       grads, values = jax.grad(loss, has_aux=True)(zeros)
     else:
       grads, values = {}, model_lib.site_inputs(m, x)
-    keys = jax.random.split(key, len(wanted))
-    return {a: summarize(values[a], grads.get(a), k) for a, k in zip(wanted, keys)}
+    return {a: summarize(values[a], grads.get(a), idx[a]) for a in wanted}
 
+  # The sampled rows are drawn here with NumPy, not inside `batch_stats`: a
+  # draw without replacement in the graph is a sort per site, which made the
+  # program ~5x slower to compile (11.7 s against 2.0 s for the tiny teacher).
+  rng = np.random.default_rng(seed)
+
+  def sample(n_rows: int) -> np.ndarray:
+    return rng.choice(n_rows, min(per_batch, n_rows), replace=False).astype(np.int32)
+
+  row_counts: dict[int, dict[str, Any]] = {}
   bar = progress_lib.bar(n_batches, "calibrate sites", enabled=progress)
   parts: list[dict[str, Any]] = []
-  key = jax.random.PRNGKey(seed)
   for start in range(0, len(images), batch_size):
-    key, sub = jax.random.split(key)
-    parts.append(jax.device_get(batch_stats(model, images[start:start + batch_size], sub)))
+    batch = images[start:start + batch_size]
+    if len(batch) not in row_counts:
+      shapes = jax.eval_shape(lambda m, x: model_lib.site_inputs(m, preprocess(x, config)),
+                              model, jax.ShapeDtypeStruct(batch.shape, batch.dtype))
+      row_counts[len(batch)] = jax.tree_util.tree_map(
+          lambda s: math.prod(s.shape[:-1]), {a: shapes[a] for a in wanted})
+    idx = jax.tree_util.tree_map(sample, row_counts[len(batch)])
+    parts.append(jax.device_get(batch_stats(model, batch, idx)))
     bar.update(1)
   bar.close()
 
