@@ -125,7 +125,7 @@ def record(model: Model, calibration: Any, addresses: list[str], *,
 
   # The sampled rows are drawn here with NumPy, not inside `batch_stats`: a
   # draw without replacement in the graph is a sort per site, which made the
-  # program ~5x slower to compile (11.7 s against 2.0 s for the tiny teacher).
+  # program several times slower to compile (benchmarks/calibration_compile.py).
   rng = np.random.default_rng(seed)
 
   def sample(n_rows: int) -> np.ndarray:
