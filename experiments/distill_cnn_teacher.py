@@ -39,9 +39,7 @@ import time
 
 from vitjax import entry
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
-                             entry.cpu_device_flag(os.cpu_count())).strip()
+os.environ["XLA_FLAGS"] = entry.with_cpu_devices(os.environ.get("XLA_FLAGS", ""), os.cpu_count())
 
 from vitjax import data as data_lib  # noqa: E402
 from vitjax import distill, evaluate, recipes, train  # noqa: E402

@@ -32,9 +32,7 @@ from vitjax import entry
 
 # The same XLA CPU device split as the `vitjax` command (before JAX starts), so
 # each run trains exactly as the survey's teacher does.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
-                             entry.cpu_device_flag(os.cpu_count())).strip()
+os.environ["XLA_FLAGS"] = entry.with_cpu_devices(os.environ.get("XLA_FLAGS", ""), os.cpu_count())
 
 from vitjax import data as data_lib  # noqa: E402
 from vitjax import evaluate, recipes  # noqa: E402

@@ -112,6 +112,18 @@ def test_entry_point_turns_on_the_compile_cache_unless_told_otherwise():
     entry.compile_cache_env({"VITJAX_COMPILE_CACHE": "yes"})
 
 
+def test_entry_point_splits_the_cpu_into_devices_unless_the_flags_already_do():
+  from vitjax import entry
+  assert entry.cpu_device_flag(6) == "--xla_force_host_platform_device_count=4"
+  assert entry.cpu_device_flag(64) == "--xla_force_host_platform_device_count=8"
+  assert entry.cpu_device_flag(None) == "--xla_force_host_platform_device_count=1"
+  assert entry.with_cpu_devices("", 2) == "--xla_force_host_platform_device_count=2"
+  assert entry.with_cpu_devices("--xla_cpu_enable_fast_math=false", 3) == (
+      "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=2")
+  mine = "--xla_force_host_platform_device_count=1 --xla_dump_to=/tmp/x"
+  assert entry.with_cpu_devices(mine, 8) == mine
+
+
 def test_the_entry_points_compile_cache_stores_programs(tmp_path):
   """The cache as the entry point sets it up (a directory and a size bound)
   writes a compiled program and reads it back. JAX honours the size bound only

@@ -29,6 +29,14 @@ def cpu_device_flag(cores: int | None) -> str:
   return f"--xla_force_host_platform_device_count={n}"
 
 
+def with_cpu_devices(flags: str, cores: int | None) -> str:
+  """`flags` (an `XLA_FLAGS` value) with `cpu_device_flag(cores)` appended,
+  or unchanged when it already sets the host device count."""
+  if "xla_force_host_platform_device_count" in flags:
+    return flags
+  return f"{flags} {cpu_device_flag(cores)}".strip()
+
+
 CACHE_DIR = os.path.join("~", ".cache", "vitjax", "xla")
 CACHE_BYTES = 2 * 1024**3
 
@@ -58,11 +66,10 @@ def main() -> int:
   except ValueError as e:
     print(f"vitjax: {e}", file=sys.stderr)
     return 2
-  flags = os.environ.get("XLA_FLAGS", "")
   requested = os.environ.get("VITJAX_CPU_DEVICES")
-  if "xla_force_host_platform_device_count" not in flags and requested != "1":
-    cores = int(requested) if requested else os.cpu_count()
-    os.environ["XLA_FLAGS"] = f"{flags} {cpu_device_flag(cores)}".strip()
+  if requested != "1":
+    os.environ["XLA_FLAGS"] = with_cpu_devices(os.environ.get("XLA_FLAGS", ""),
+                                               int(requested) if requested else os.cpu_count())
   from vitjax import cli  # imports JAX, after the flag is set
   return cli.main()
 
