@@ -103,10 +103,21 @@ def record(model: Model, calibration: Any, addresses: list[str], *,
               for side in ("lhs", "rhs")}
     return one(values, grads, idx)
 
+  site_shapes: dict[int, dict[str, Any]] = {}
+
+  def shapes_for(n: int) -> dict[str, Any]:
+    """Each site input's shape and dtype for a batch of `n` images (traced
+    once per batch length)."""
+    if n not in site_shapes:
+      site_shapes[n] = jax.eval_shape(
+          lambda m, x: model_lib.site_inputs(m, preprocess(x, config)), model,
+          jax.ShapeDtypeStruct((n,) + images.shape[1:], images.dtype))
+    return site_shapes[n]
+
   @jax.jit
   def batch_stats(m: Model, x: jax.Array, idx: dict[str, Any]) -> dict[str, Any]:
+    shapes = shapes_for(x.shape[0])
     x = preprocess(x, config)
-    shapes = jax.eval_shape(lambda: model_lib.site_inputs(m, x))
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
                                    {a: shapes[a] for a in grad_sites})
 
@@ -131,17 +142,13 @@ def record(model: Model, calibration: Any, addresses: list[str], *,
   def sample(n_rows: int) -> np.ndarray:
     return rng.choice(n_rows, min(per_batch, n_rows), replace=False).astype(np.int32)
 
-  row_counts: dict[int, dict[str, Any]] = {}
   bar = progress_lib.bar(n_batches, "calibrate sites", enabled=progress)
   parts: list[dict[str, Any]] = []
   for start in range(0, len(images), batch_size):
     batch = images[start:start + batch_size]
-    if len(batch) not in row_counts:
-      shapes = jax.eval_shape(lambda m, x: model_lib.site_inputs(m, preprocess(x, config)),
-                              model, jax.ShapeDtypeStruct(batch.shape, batch.dtype))
-      row_counts[len(batch)] = jax.tree_util.tree_map(
-          lambda s: math.prod(s.shape[:-1]), {a: shapes[a] for a in wanted})
-    idx = jax.tree_util.tree_map(sample, row_counts[len(batch)])
+    shapes = shapes_for(len(batch))
+    idx = jax.tree_util.tree_map(lambda s: sample(math.prod(s.shape[:-1])),
+                                 {a: shapes[a] for a in wanted})
     parts.append(jax.device_get(batch_stats(model, batch, idx)))
     bar.update(1)
   bar.close()
