@@ -9,10 +9,10 @@ validation winner among all recipes and their +gptq combinations. Then every
 entry is scored once on the test split, and two fully quantized W8A8 rows
 (LayerNorm inputs quantized too) are added.
 
-The survey's teacher recipe trains on the validation images as well, so the
-teacher's validation top-1 runs high; validation only ranks the recipes here.
+The survey trains its teacher and student without the validation images, so
+the recipes are ranked on images neither model saw.
 
-  .venv/bin/python experiments/ptq_table.py            # ~40 min on 2 cores
+  .venv/bin/python experiments/ptq_table.py            # ~20 min on 2 EPYC cores
   .venv/bin/python experiments/ptq_table.py --quick    # plumbing, 2 recipes, W8A8
 
 Needs `checkpoints/survey/{teacher,student}` (`bash run.sh main` writes them).

@@ -67,7 +67,8 @@ class Settings:
     cnn_epochs: the CNN teacher's epochs; None: the recipe's.
     ptq_w6a6, ptq_w4a4: the PTQ recipes (`vitjax.transforms.ptq`) of the W6A6
       and W4A4 rows: the teacher's validation winners in
-      experiments/ptq_table.py (2026-11-30).
+      experiments/ptq_table.py (2026-12-01, on the teacher trained without the
+      validation images).
     tune_seconds: the "tuned" row's time budget: no new policy is scored
       after it (the sensitivity table counts; the final build comes on top).
     tune_evaluations: policies the "tuned" row's search evaluates at most.
@@ -86,7 +87,7 @@ class Settings:
   student_teacher: StudentTeacher = "cnn+vit"
   student_targets: StudentTargets = "hard"
   cnn_epochs: float | None = None
-  ptq_w6a6: str = "ptq4vit+gptq"
+  ptq_w6a6: str = "repqvit+gptq"
   ptq_w4a4: str = "ptq4vit+gptq"
   tune_seconds: float = 120.0
   tune_evaluations: int = 48
@@ -251,11 +252,11 @@ METHODS: list[Method] = [
     Method("w6a6", "quantization",
            lambda ctx, src: _ptq(ctx, src["teacher"], ctx.settings.ptq_w6a6, 6),
            ("teacher",), "W6A6 over every matmul (weights and both operands), recipe "
-           "Settings.ptq_w6a6 (ptq4vit+gptq, chosen on validation)"),
+           "Settings.ptq_w6a6 (chosen on validation)"),
     Method("w4a4", "quantization",
            lambda ctx, src: _ptq(ctx, src["teacher"], ctx.settings.ptq_w4a4, 4),
-           ("teacher",), "W4A4 over every matmul, recipe Settings.ptq_w4a4 (ptq4vit+gptq, "
-           "chosen on validation)"),
+           ("teacher",), "W4A4 over every matmul, recipe Settings.ptq_w4a4 (chosen on "
+           "validation)"),
     Method("weight-int4", "quantization",
            lambda ctx, src: quantize.weight_only(4)(src["teacher"]), ("teacher",),
            "int4 weights (packed), float activations, no training"),
