@@ -22,7 +22,7 @@ images no run trained on:
 Seed 0, trained on the 55,000 training images, scored on the 5,000
 validation images. The test split is not read.
 
-  .venv/bin/python experiments/distill_schedule.py       # ~90 min on 2 EPYC cores
+  .venv/bin/python experiments/distill_schedule.py       # ~40 min on 2 EPYC cores (AVX-512)
   .venv/bin/python experiments/distill_schedule.py --quick
 
 Needs the two teachers and the base runs of
