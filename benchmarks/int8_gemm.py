@@ -19,6 +19,9 @@ side, in alternating rounds in this one process:
 - `xla-s8-as-bf16`: the same integer product computed exactly on bfloat16
   operands with float32 accumulation (int8 values and their products are
   exact there while k * 127^2 < 2^24; checked against `xla-s8`);
+- `vitjax-int8`: vitjax's own CPU int8 kernel (`vitjax.kernels.cpu_int8`,
+  an XLA FFI custom call; weight packed once, as `use_cpu_int8_kernel`
+  does), checked equal to `xla-s8`; left out where it cannot be built;
 - `torch-f32`: `torch.nn.functional.linear`;
 - `torch.ao-s8`: `torch.ao.nn.quantized.Linear` (fbgemm) on an input already
   quantized to quint8, its output requantized: the int8 kernel of torch.ao;
@@ -46,6 +49,7 @@ from jax import lax
 
 import peer
 from vitjax import evaluate, xla_cpu
+from vitjax.kernels import cpu_int8
 
 TOKENS = 197  # a 224x224 image in 16x16 patches, plus the class token
 BATCHES = (1, 64)
@@ -72,9 +76,19 @@ def jax_kernels(x: np.ndarray, w: np.ndarray) -> dict[str, Callable[[], object]]
   exact = np.asarray(s8(xs, ws))
   if not np.array_equal(np.asarray(bf16(xb, wb)).astype(np.int64), exact):
     raise AssertionError("the bfloat16 product of int8 codes is not the int32 product")
-  return {"xla-f32": lambda: f32(xf, wf), "xla-f32-ynn-off": lambda: f32_off(xf, wf),
-          "xla-s8": lambda: s8(xs, ws), "xla-s8-ynn-off": lambda: s8_off(xs, ws),
-          "xla-u8s8": lambda: s8(xu, ws), "xla-s8-as-bf16": lambda: bf16(xb, wb)}
+  kernels = {"xla-f32": lambda: f32(xf, wf), "xla-f32-ynn-off": lambda: f32_off(xf, wf),
+             "xla-s8": lambda: s8(xs, ws), "xla-s8-ynn-off": lambda: s8_off(xs, ws),
+             "xla-u8s8": lambda: s8(xu, ws), "xla-s8-as-bf16": lambda: bf16(xb, wb)}
+  try:
+    cpu_int8.isa()
+  except cpu_int8.KernelUnavailable:
+    return kernels
+  packed, n_out = cpu_int8.pack(ws), w.shape[1]
+  ours = jax.jit(cpu_int8.matmul, static_argnums=2)
+  if not np.array_equal(np.asarray(ours(xs, packed, n_out)), exact):
+    raise AssertionError("vitjax's int8 kernel does not give the int32 product")
+  kernels["vitjax-int8"] = lambda: ours(xs, packed, n_out)
+  return kernels
 
 
 def torch_kernels(x: np.ndarray, w: np.ndarray) -> dict[str, Callable[[], object]]:

@@ -18,7 +18,10 @@ config when torchao is installed; vitjax fp32 compiled with XLA's defaults and
 with `evaluate.fastest_options` (the XLA CPU option the survey and CLI use),
 and vitjax's int8/int4 variants (`quantization.variants`: weight-only int8
 and int4, dynamic int8, static int8, W8A8 at every matmul and at every site),
-each compiled with its fastest option.
+each run with its fastest option, vitjax's CPU int8 kernel
+(`vitjax.kernels.cpu_int8`) among them where it applies. Each variant with
+integer matmuls is also timed as "<name> (XLA dots)", the fastest option
+without that kernel: the before and after of the kernel, side by side.
 
 Printed: batch-1 latency and batch-`--batch` time per batch, the median over
 rounds and its ratio to PyTorch fp32 with the lowest and highest ratio of a
@@ -47,6 +50,7 @@ import quantization
 import torch_vit
 from vitjax import evaluate, xla_cpu
 from vitjax import model as model_lib
+from vitjax.kernels import cpu_int8
 from vitjax.models.config import ViTConfig, preset
 from vitjax.models.inputs import preprocess
 
@@ -58,6 +62,7 @@ SHAPES: dict[str, ViTConfig] = {
     "tiny": preset("tiny"),
 }
 INT8 = ("weight-int8", "dynamic-int8", "static-int8", "w8a8-matmuls", "w8a8-all-sites")
+XLA_DOTS = "(XLA dots)"
 
 
 def random_model(cfg: ViTConfig) -> model_lib.Model:
@@ -114,15 +119,18 @@ def measure(shape: str, batch: int, rounds: int, progress: bool = True) -> dict:
   torch_models = torch_variants(model)
   parity = check_parity(model, torch_models["torch-fp32"])
   variants = quantization.variants(model)
-  jax_models = {"vitjax-fp32 (xla-default)": model, "vitjax-fp32": variants.pop("fp32"),
-                **variants}
+  jax_models = {"vitjax-fp32 (xla-default)": model, "vitjax-fp32": variants.pop("fp32")}
+  for name, m in variants.items():
+    jax_models[name] = m
+    if model_lib.cpu_int8_layers(m):
+      jax_models[f"{name} {XLA_DOTS}"] = m
   result = {"config": cfg.to_dict(), "parity_max_abs_logit_diff": parity, "batches": {}}
   for b, calls in ((1, 10), (batch, 1)):
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, (b, cfg.image_size, cfg.image_size, cfg.channels)
                           ).astype(np.uint8)
-    options = {name: ({} if name.endswith("(xla-default)")
-                      else evaluate.fastest_options(m, b))
+    options = {name: ({} if name.endswith("(xla-default)") else
+                      evaluate.fastest_options(m, b, int8_kernel=not name.endswith(XLA_DOTS)))
                for name, m in jax_models.items()}
     fns = {name: torch_call(m, images) for name, m in torch_models.items()}
     fns.update({name: evaluate.forward_fn(m, b, options[name])
@@ -137,7 +145,7 @@ def measure(shape: str, batch: int, rounds: int, progress: bool = True) -> dict:
       lo, med, hi = evaluate.ratio_spread(t, ref)
       rows[name] = {"ms": statistics.median(t) * 1e3, "ratio": med, "ratio_min": lo,
                     "ratio_max": hi, "rounds_ms": [x * 1e3 for x in t],
-                    "options": xla_cpu.candidate_name(options[name])
+                    "options": evaluate.options_name(options[name])
                     if name in options else "torch"}
     result["batches"][b] = rows
   return result
@@ -150,14 +158,24 @@ def goals(result: dict) -> list[str]:
     fp = rows["vitjax-fp32"]["ms"] / rows["torch-fp32"]["ms"]
     best = min(INT8, key=lambda n: rows[n]["ms"])
     q = rows[best]["ms"] / rows["torch.ao-int8"]["ms"]
+    xla = [n for n in rows if n.endswith(XLA_DOTS)]
+    before = min(xla, key=lambda n: rows[n]["ms"]) if xla else None
     lines.append(f"batch {b}: vitjax fp32 / torch fp32 = {fp:.2f} (goal <= 1.0, "
-                 f"{'met' if fp <= 1.0 else 'MISSED'}); best vitjax int8 ({best}) / "
-                 f"torch.ao int8 = {q:.2f} (goal <= 0.9, {'met' if q <= 0.9 else 'MISSED'})")
+                 f"{'met' if fp <= 1.0 else 'MISSED'}); best vitjax int8 ({best}, "
+                 f"{rows[best]['options']}) / torch.ao int8 = {q:.2f} (goal <= 0.9, "
+                 f"{'met' if q <= 0.9 else 'MISSED'})" + (
+                     f"; without vitjax's int8 kernel: {before} "
+                     f"{rows[before]['ms'] / rows['torch.ao-int8']['ms']:.2f}" if before else ""))
   return lines
 
 
 def environment() -> dict:
+  try:
+    kernel = cpu_int8.isa()
+  except cpu_int8.KernelUnavailable as e:
+    kernel = f"unavailable: {e}"
   return {"cpu": xla_cpu.cpu_description(), "jax": jax.__version__,
+          "vitjax_cpu_int8_kernel": kernel,
           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
           "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
           "jax_devices": len(jax.devices()), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
@@ -186,7 +204,7 @@ def main() -> None:
           f"dim {cfg.dim}, depth {cfg.depth}, {cfg.num_heads} heads "
           f"(vitjax vs torch logits: max |diff| {r['parity_max_abs_logit_diff']:.1e})\n")
     b1, bn = r["batches"][1], r["batches"][args.batch]
-    print(f"| variant | XLA option b=1 / b={args.batch} | b=1 ms | time / torch fp32 (min-max) "
+    print(f"| variant | option b=1 / b={args.batch} | b=1 ms | time / torch fp32 (min-max) "
           f"| b={args.batch} ms | time / torch fp32 (min-max) | img/s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name in b1:

@@ -5,7 +5,8 @@
 
 Builds DeiT-Ti/16 at 224x224 (random weights; `peer.SHAPES["deit-tiny"]`),
 quantizes it as `--variant` names (`quantization.variants`), compiles the
-inference path with the `--options` candidate (`vitjax.xla_cpu.CANDIDATES`),
+inference path with the `--options` candidate (`vitjax.xla_cpu.CANDIDATES`,
+or `evaluate.KERNEL_CANDIDATE`: integer matmuls on vitjax's CPU int8 kernel),
 traces `--calls` calls with `jax.profiler`, and sums the traced time of every
 compiled op by kind: YNNPACK fusion or XLA's own op (dot, loop fusion), its
 output dtype, and what it computes (a dot, attention = dot + softmax + dot,
@@ -49,6 +50,9 @@ def op_kinds(hlo: str) -> dict[str, str]:
     if not m:
       continue
     name, dtype, op = m.groups()
+    if op == "custom-call" and "vitjax_cpu_int8" in line:
+      kinds[name] = f"vitjax int8 kernel {dtype}"
+      continue
     if op != "fusion":
       kinds[name] = f"xla {op} {dtype}"
       continue
@@ -69,7 +73,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--variant", default="static-int8")
   parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--options", default="xla-default", choices=sorted(xla_cpu.CANDIDATES))
+  parser.add_argument("--options", default="xla-default",
+                      choices=sorted(xla_cpu.CANDIDATES) + [evaluate.KERNEL_CANDIDATE])
   parser.add_argument("--calls", type=int, default=10)
   args = parser.parse_args()
   model = peer.random_model(peer.SHAPES["deit-tiny"])
@@ -77,7 +82,9 @@ def main() -> None:
     model = quantization.variants(model, [args.variant])[args.variant]
   except ValueError as e:
     parser.error(f"--variant: {e}")
-  options = xla_cpu.CANDIDATES[args.options]
+  options = (evaluate.kernel_candidate() if args.options == evaluate.KERNEL_CANDIDATE
+             else xla_cpu.CANDIDATES[args.options])
+  model, options = evaluate.prepared(model, options)
   cfg = model.config
   images = np.random.default_rng(0).integers(
       0, 256, (args.batch, cfg.image_size, cfg.image_size, cfg.channels)).astype(np.uint8)

@@ -5,10 +5,13 @@ Timings compile first, warm up, then time repeated calls that end in
 median; numbers measured in one process side by side are comparable, numbers
 from different runs less so.
 
-Every function takes optional XLA compiler `options` (`jax.jit`'s
-`compiler_options`, e.g. from `fastest_options`);
-without them XLA's defaults apply. One executable is compiled per distinct
-options, model structure and batch shape, and reused across calls.
+Every function takes optional `options`: XLA compiler options (`jax.jit`'s
+`compiler_options`, e.g. from `fastest_options`), plus vitjax's own
+`CPU_INT8_KERNEL` entry, which runs the model's integer matmuls on vitjax's
+CPU int8 kernel (`model.use_cpu_int8_kernel`, applied once per call of these
+functions, not per batch); without options XLA's defaults apply. One
+executable is compiled per distinct options, model structure and batch
+shape, and reused across calls.
 """
 
 from __future__ import annotations
@@ -27,11 +30,39 @@ import numpy as np
 from vitjax import data as data_lib
 from vitjax import model as model_lib
 from vitjax import streaming, xla_cpu
+from vitjax.kernels import cpu_int8
 from vitjax.model import Model
 from vitjax.models.inputs import preprocess
 
 
 Options = Mapping[str, str]
+
+# The options entry that puts a model's integer matmuls on vitjax's CPU int8
+# kernel (vitjax.kernels.cpu_int8); its value is "on".
+CPU_INT8_KERNEL = "vitjax_cpu_int8_kernel"
+# `fastest_options`' candidate with that kernel: XLA's defaults plus the kernel
+# (with YNNPACK fusions off the kernel's models were slower: 17.4 against
+# 15.5 ms at batch 1 and 626 against 552 ms at batch 64, DeiT-tiny static int8).
+KERNEL_CANDIDATE = "xla-default+cpu-int8"
+
+
+def prepared(model: Model, options: Options | None) -> tuple[Model, dict[str, str]]:
+  """(`model`, XLA compiler options) for `options`: with `CPU_INT8_KERNEL`
+  "on", the model on vitjax's CPU int8 kernel (`model.use_cpu_int8_kernel`).
+
+  Raises:
+    ValueError: `CPU_INT8_KERNEL` is not "on", or the model has no integer
+      matmul for the kernel.
+    KernelUnavailable: the kernel cannot run here.
+  """
+  xla = dict(options or {})
+  kernel = xla.pop(CPU_INT8_KERNEL, None)
+  if kernel is None:
+    return model, xla
+  if kernel != "on":
+    raise ValueError(f"options[{CPU_INT8_KERNEL!r}]={kernel!r}; the only value is 'on' "
+                     "(leave the entry out for XLA's own dots)")
+  return model_lib.use_cpu_int8_kernel(model), xla
 
 
 def _forward(model: Model, images: jax.Array) -> jax.Array:
@@ -44,8 +75,18 @@ def _predictor(options: tuple[tuple[str, str], ...]) -> Callable:
 
 
 def predictor(options: Options | None = None) -> Callable[[Model, jax.Array], jax.Array]:
-  """The jitted inference path (normalize, forward, argmax), compiled with
-  `options`: `predictor(options)(model, uint8_images)` -> predicted classes."""
+  """The jitted inference path (normalize, forward, argmax), compiled with XLA
+  compiler `options`: `predictor(options)(model, uint8_images)` -> predicted
+  classes.
+
+  Raises:
+    ValueError: `options` hold `CPU_INT8_KERNEL` (a model choice: pass the
+      model through `prepared` first).
+  """
+  if CPU_INT8_KERNEL in (options or {}):
+    raise ValueError(f"predictor takes XLA compiler options; {CPU_INT8_KERNEL!r} chooses "
+                     "the model's matmul kernel: use evaluate.prepared(model, options) and "
+                     "pass the options it returns")
   return _predictor(tuple(sorted((options or {}).items())))
 
 
@@ -63,7 +104,8 @@ def predictions(model: Model, split: Scored, batch_size: int = 256,
                 options: Options | None = None) -> np.ndarray:
   """Predicted class of every image of `split` (in RAM, or an image folder
   streamed from disk), in order."""
-  predict = predictor(options)
+  model, xla = prepared(model, options)
+  predict = predictor(xla)
   out = []
   for images, _, n in _batches(split, batch_size):
     out.append(np.asarray(predict(model, images))[:n])
@@ -88,15 +130,18 @@ def forward_fn(model: Model, batch: int, options: Options | None = None
   images = jax.random.randint(jax.random.PRNGKey(0),
                               (batch, cfg.image_size, cfg.image_size, cfg.channels),
                               0, 256).astype(jnp.uint8)
-  predict = predictor(options)
+  model, xla = prepared(model, options)
+  predict = predictor(xla)
   return lambda: predict(model, images)
 
 
 def precompile(models: Mapping[str, Model], batches: Sequence[int],
-               options: Sequence[Options] = ({},), *, workers: int = 2) -> int:
+               options: Sequence[Options] | Callable[[Model], Sequence[Options]] = ({},), *,
+               workers: int = 2) -> int:
   """Compiles every model's inference (`forward_fn`) at every batch size with
-  every `options`, `workers` compiles at a time, and runs each once; returns
-  how many (model, batch, options) jobs ran.
+  every `options` (or every `options(model)`, per model), `workers` compiles
+  at a time, and runs each once; returns how many (model, batch, options)
+  jobs ran.
 
   XLA compiles on a single thread, so on a CPU host compiles in parallel
   threads keep the other cores busy; jit keeps each executable for the later
@@ -107,7 +152,8 @@ def precompile(models: Mapping[str, Model], batches: Sequence[int],
   """
   if workers < 1:
     raise ValueError(f"workers={workers} must be >= 1")
-  jobs = [(m, b, o) for m in models.values() for b in batches for o in options]
+  per_model = options if callable(options) else (lambda _: options)
+  jobs = [(m, b, o) for m in models.values() for b in batches for o in per_model(m)]
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     for done in pool.map(lambda job: jax.block_until_ready(forward_fn(*job)()), jobs):
       del done
@@ -183,19 +229,49 @@ class Report:
 ChooseOptions = Callable[[Model, int], Options]
 
 
-def _options_name(options: Options) -> str:
+def options_name(options: Options) -> str:
+  """The candidate name of `options` (`KERNEL_CANDIDATE` or one of
+  `xla_cpu.CANDIDATES`), else "given"."""
+  if dict(options) == kernel_candidate():
+    return KERNEL_CANDIDATE
   try:
     return xla_cpu.candidate_name(options)
   except ValueError:
     return "given"
 
 
-def fastest_options(model: Model, batch: int, *, calls: int = 3) -> dict[str, str]:
-  """Compiler options of the faster of `xla_cpu.CANDIDATES` for `model`'s
-  inference at `batch` images on this machine: each candidate's forward is
-  compiled and warmed up once, then the candidates are timed in alternation
-  over `calls` rounds and the lower total wins. On a GPU or TPU backend, {}
-  (the candidates are CPU options).
+def kernel_candidate() -> dict[str, str]:
+  """The options of `KERNEL_CANDIDATE`: XLA's defaults, integer matmuls on
+  vitjax's CPU int8 kernel."""
+  return {**xla_cpu.CANDIDATES["xla-default"], CPU_INT8_KERNEL: "on"}
+
+
+def candidates(model: Model, *, int8_kernel: bool = True) -> dict[str, dict[str, str]]:
+  """What `fastest_options` compares for `model` on this backend, by name.
+
+  On the CPU, `xla_cpu.CANDIDATES`; but a model with integer matmuls, where
+  vitjax's CPU int8 kernel has its fast path (`cpu_int8.fast_here`) and
+  `int8_kernel` is True, compares XLA's defaults with `KERNEL_CANDIDATE`:
+  YNNPACK off takes XLA's int8 dots off YNNPACK too, which made DeiT-tiny
+  static int8 2.2x slower at batch 1 and 2.7x at batch 64 on the 2-core EPYC,
+  so that candidate only costs compiles there. On a GPU or TPU backend, XLA's
+  defaults alone.
+  """
+  if jax.default_backend() != "cpu":
+    return {"xla-default": {}}
+  if int8_kernel and model_lib.cpu_int8_layers(model) and cpu_int8.fast_here():
+    return {"xla-default": dict(xla_cpu.CANDIDATES["xla-default"]),
+            KERNEL_CANDIDATE: kernel_candidate()}
+  return {name: dict(o) for name, o in xla_cpu.CANDIDATES.items()}
+
+
+def fastest_options(model: Model, batch: int, *, calls: int = 3,
+                    int8_kernel: bool = True) -> dict[str, str]:
+  """Options of the fastest of `candidates(model, int8_kernel=...)` for
+  `model`'s inference at `batch` images on this machine: each candidate's
+  forward is compiled and warmed up once, then the candidates are timed in
+  alternation over `calls` rounds and the lower total wins. On a GPU or TPU
+  backend, {} (the candidates are CPU options).
 
   Raises:
     ValueError: `batch` or `calls` is not positive.
@@ -204,10 +280,11 @@ def fastest_options(model: Model, batch: int, *, calls: int = 3) -> dict[str, st
     raise ValueError(f"batch={batch} and calls={calls} must both be >= 1")
   if jax.default_backend() != "cpu":
     return {}
+  named = candidates(model, int8_kernel=int8_kernel)
   totals = {name: sum(t) for name, t in round_times(
-      {name: model for name in xla_cpu.CANDIDATES}, batch, rounds=calls, calls=1,
-      options=xla_cpu.CANDIDATES, warmup=1).items()}
-  return dict(xla_cpu.CANDIDATES[min(totals, key=totals.get)])
+      {name: model for name in named}, batch, rounds=calls, calls=1,
+      options=named, warmup=1).items()}
+  return dict(named[min(totals, key=totals.get)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,8 +301,8 @@ class Speed:
 
   @property
   def options_name(self) -> str:
-    return (f"{_options_name(self.latency_options)} (b=1), "
-            f"{_options_name(self.batch_options)} (b={self.batch})")
+    return (f"{options_name(self.latency_options)} (b=1), "
+            f"{options_name(self.batch_options)} (b={self.batch})")
 
 
 def speeds(models: dict[str, Model], *, timing_batch: int = 256, rounds: int = 5,
@@ -234,13 +311,12 @@ def speeds(models: dict[str, Model], *, timing_batch: int = 256, rounds: int = 5
   side by side in this process (`round_times`: 10 and 2 calls per round).
 
   `choose_options(model, batch)` (e.g. `fastest_options`) picks each model's
-  compiler options per batch size; None: XLA's defaults. Every executable is
-  compiled ahead in parallel (`precompile`): with a chooser on a CPU backend,
-  one per candidate of `xla_cpu.CANDIDATES` (what `fastest_options` tries).
+  options per batch size; None: XLA's defaults. Every executable is compiled
+  ahead in parallel (`precompile`): with a chooser, one per entry of
+  `candidates(model)` (what `fastest_options` tries).
   """
   choose = choose_options or (lambda model, batch: {})
-  tried = list(xla_cpu.CANDIDATES.values()) if (
-      choose_options is not None and jax.default_backend() == "cpu") else [{}]
+  tried = (lambda m: list(candidates(m).values())) if choose_options is not None else [{}]
   precompile(models, (1, timing_batch), tried)
   lat_opts = {name: dict(choose(m, 1)) for name, m in models.items()}
   thr_opts = {name: dict(choose(m, timing_batch)) for name, m in models.items()}

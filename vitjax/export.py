@@ -194,6 +194,12 @@ def _static_from_json(value: Any) -> Any:
   return value
 
 
+def _is_stored(field: dataclasses.Field) -> bool:
+  """False for a runtime-only field (e.g. the CPU int8 kernel's packed copy of
+  a quantized weight): never written, loaded as its default."""
+  return field.metadata.get("stored", True) is not False
+
+
 def _is_static(field: dataclasses.Field) -> bool:
   return field.metadata.get("pytree_node", True) is False or \
       field.metadata.get("static", False)
@@ -220,7 +226,8 @@ def _encode(node: Any, key: str, arrays: dict[str, np.ndarray],
   if dataclasses.is_dataclass(node) and leaves.storable_types().get(cls_name) is type(node):
     fields, static = {}, {}
     mask_field = getattr(type(node), "STORE_KEPT_BY", None)
-    ordered = sorted(dataclasses.fields(node), key=lambda f: f.name != mask_field)
+    ordered = sorted(filter(_is_stored, dataclasses.fields(node)),
+                     key=lambda f: f.name != mask_field)
     for f in ordered:
       value = getattr(node, f.name)
       if _is_static(f):
@@ -272,7 +279,7 @@ def _decode(desc: Any, arrays: dict[str, np.ndarray], key: str, used: set[str]) 
   if not isinstance(fields, dict) or not isinstance(static, dict):
     raise CheckpointError(f"tree node {key} ({desc['type']}) lacks its 'fields' or "
                           "'static' entries")
-  want = {f.name: _is_static(f) for f in dataclasses.fields(cls)}
+  want = {f.name: _is_static(f) for f in dataclasses.fields(cls) if _is_stored(f)}
   got = {**{k: False for k in fields}, **{k: True for k in static}}
   if got != want or set(fields) & set(static):
     raise CheckpointError(

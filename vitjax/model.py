@@ -12,16 +12,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vitjax import leaves, storable
+from vitjax.kernels import cpu_int8
 from vitjax.leaves import logical_shape
 from vitjax.models import sites as sites_lib
 from vitjax.models.arch import Config, module_of, require_vit
+from vitjax.quantizers.uniform import Uniform
 
 PyTree = Any
 
@@ -273,6 +275,7 @@ def leaf_bits(leaf: Any) -> int:
 def stored_bytes(model: Model) -> int:
   """Bytes of the parameter and site-quantizer arrays as a vitjax checkpoint
   stores them (masked weights as their kept values plus the mask's bits)."""
+  model = portable(model)
   bits = sum(leaf_bits(leaf) for leaf in jax.tree_util.tree_leaves(
       (model.params, model.sites), is_leaf=lambda x: hasattr(type(x), "STORE_KEPT_BY")))
   return math.ceil(bits / 8)
@@ -313,5 +316,63 @@ def flops_per_image(model: Model) -> int:
   """
   cfg = model.config
   images = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.channels))
-  closed = jax.make_jaxpr(lambda m, x: apply(m, x))(model, images)
+  closed = jax.make_jaxpr(lambda m, x: apply(m, x))(portable(model), images)
   return _dot_flops(closed.jaxpr)
+
+
+# ------------------------------------------------------------ CPU int8 kernel
+
+
+def use_cpu_int8_kernel(model: Model) -> Model:
+  """`model` whose integer matmuls run on vitjax's CPU int8 kernel
+  (`vitjax.kernels.cpu_int8`): every QuantizedWeight that multiplies integer
+  activations (its own dynamic/static int8 ones, or a uniform quantizer at its
+  input site) gets its weight packed in the kernel's layout. The logits are
+  bit-identical; the kernel runs forward only and on the CPU backend only.
+  `portable` undoes it; saving and exporting drop it by themselves.
+
+  Raises:
+    ValueError: no layer of `model` multiplies integers (weight-only or float
+      models: nothing would run on the kernel).
+    KernelUnavailable: the backend is not the CPU, or the kernel cannot be
+      built here (no C++ compiler).
+  """
+  if not cpu_int8_layers(model):
+    raise ValueError("use_cpu_int8_kernel: no layer of this model multiplies integers (its "
+                     "quantized weights all take float activations, and no uniform quantizer "
+                     "sits at their inputs); quantize activations first, e.g. with "
+                     "transforms.dynamic_int8() or static_int8()")
+  if jax.default_backend() != "cpu":
+    raise cpu_int8.KernelUnavailable(
+        f"the CPU int8 kernel runs on the CPU backend; this process's default backend is "
+        f"{jax.default_backend()!r}")
+  cpu_int8.isa()  # builds and loads it now, or says why it cannot
+  return model.replace(params=_map_integer_layers(
+      model, lambda address, leaf: leaves.with_cpu_int8_kernel(leaf)))
+
+
+def cpu_int8_layers(model: Model) -> list[str]:
+  """Addresses of the QuantizedWeight leaves whose matmul multiplies integers
+  (their own dynamic/static int8 activations, or a uniform quantizer at their
+  input site): what `use_cpu_int8_kernel` puts on the kernel."""
+  found: list[str] = []
+  _map_integer_layers(model, lambda address, leaf: found.append(address) or leaf)
+  return found
+
+
+def _map_integer_layers(model: Model, fn: Callable[[str, Any], Any]) -> PyTree:
+  def visit(path: tuple, leaf: Any) -> Any:
+    if not isinstance(leaf, leaves.QuantizedWeight):
+      return leaf
+    address = path_str(path)
+    site = model.sites.get(address.rsplit("/", 1)[0] + "/input") \
+        if address.endswith("/kernel") else None
+    return fn(address, leaf) if leaf.multiplies_integers(isinstance(site, Uniform)) else leaf
+  return jax.tree_util.tree_map_with_path(
+      visit, model.params, is_leaf=lambda x: isinstance(x, leaves.QuantizedWeight))
+
+
+def portable(model: Model) -> Model:
+  """`model` without the CPU int8 kernel's packed weights: XLA's own dots,
+  on any backend."""
+  return model.replace(params=leaves.without_cpu_int8_kernel(model.params))

@@ -48,7 +48,9 @@ def exported(model: model_lib.Model, *, batch: int | None = None,
   """`jax.export` of `model`'s inference path (raw pixels -> logits).
 
   Args:
-    model: any vitjax model, compressed or not.
+    model: any vitjax model, compressed or not (a model prepared for the CPU
+      int8 kernel is exported with XLA's dots: the artifact holds no custom
+      call, so it runs wherever jax.export artifacts run).
     batch: a fixed batch size; None for a symbolic one.
     input_shape: (H, W, C) of the raw images (default: the model's own);
       other sizes are resized inside, a single channel repeated for RGB models.
@@ -78,7 +80,8 @@ def exported(model: model_lib.Model, *, batch: int | None = None,
 
   b = batch if batch is not None else jax.export.symbolic_shape("b")[0]
   spec = jax.ShapeDtypeStruct((b, *shape), jnp.dtype(input_dtype))
-  return jax.export.export(jax.jit(inference_fn(model)), platforms=platforms)(spec)
+  return jax.export.export(jax.jit(inference_fn(model_lib.portable(model))),
+                           platforms=platforms)(spec)
 
 
 def inference_fn(model: model_lib.Model) -> Callable[[jax.Array], jax.Array]:

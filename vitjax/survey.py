@@ -465,9 +465,10 @@ def markdown(results: dict[str, Any]) -> str:
   lines += ["", "Size: bytes on disk against the fp32 teacher's checkpoint, and against "
             "raw fp32 bytes (4 B per teacher parameter). "
             "Speed: median over timing rounds in which every model ran in turn; "
-            "min-max: the lowest and highest ratio of a single round. Each model's "
-            "forward was compiled with the faster XLA CPU option on this machine "
-            "(`evaluate.fastest_options`; per row in results.json), except in a "
+            "min-max: the lowest and highest ratio of a single round. Each model "
+            "ran with the fastest of its candidates on this machine "
+            "(`evaluate.fastest_options`: XLA's CPU option, or, for integer matmuls, "
+            "vitjax's CPU int8 kernel; per row in results.json), except in a "
             "quick run (XLA's defaults)."]
   lines += [f"\n**Note on {name}:** {note}." for name, note in results.get("notes", {}).items()]
   return "\n".join(lines) + "\n"

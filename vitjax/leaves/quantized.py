@@ -16,9 +16,10 @@ straight through the rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import typing
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import flax.struct
 import jax
@@ -26,10 +27,12 @@ import jax.numpy as jnp
 from aqt.jax.v2 import aqt_quantizer, aqt_tensor
 from aqt.jax.v2 import config as aqt_config
 
+from vitjax.kernels import cpu_int8
 from vitjax.leaves.dispatch import (apply_mask, input_quantized_matmul, trainable,
                                    value_count, weight_matmul)
 from vitjax.quantizers.planes import has_planes, planes_dot_general
-from vitjax.quantizers.uniform import Uniform, check_bits, quantized_dot_general
+from vitjax.quantizers.uniform import (Uniform, check_bits, quantized_dot_general,
+                                       with_integer_dot)
 from vitjax.storable import register_storable
 
 register_storable(aqt_tensor.QTensor)
@@ -66,6 +69,10 @@ def _quantize_per_channel(w: jax.Array, bits: int) -> aqt_tensor.QTensor:
   return qt.replace(scale_t=None)
 
 
+# How a checkpoint treats a field: runtime-only fields are never written, and
+# load as their default (vitjax.export).
+RUNTIME_ONLY = {"stored": False}
+
 Activations = Literal["float", "dynamic", "static"]
 ACTIVATIONS: tuple[str, ...] = typing.get_args(Activations)
 
@@ -83,11 +90,17 @@ class QuantizedWeight:
     bits: weight bits (2..8).
     activations: "float" (weight-only), "dynamic" or "static".
     act_bits: activation bits for "dynamic" and "static".
+    packed: the weight in the layout of vitjax's CPU int8 kernel
+      (`vitjax.kernels.cpu_int8`), set by `vitjax.model.use_cpu_int8_kernel`;
+      the layer's integer dot then runs on that kernel (forward only, CPU
+      backend). Runtime-only: never saved, and dropped by `replace`, since it
+      belongs to these exact int values.
   """
 
   qt: aqt_tensor.QTensor
   act_scale: jax.Array | None = None
   act_shift: jax.Array | None = None
+  packed: cpu_int8.PackedInt8 | None = flax.struct.field(default=None, metadata=RUNTIME_ONLY)
   bits: int = flax.struct.field(pytree_node=False, default=8)
   activations: Activations = flax.struct.field(pytree_node=False, default="float")
   act_bits: int = flax.struct.field(pytree_node=False, default=8)
@@ -107,11 +120,47 @@ class QuantizedWeight:
     """The float weight these int values and scales stand for."""
     return self.qt.dequant()
 
+  def multiplies_integers(self, has_input_site: bool = False) -> bool:
+    """Whether this layer's matmul is an integer dot: it quantizes its own
+    activations, or (`has_input_site`) its input site's quantizer does."""
+    return self.activations != "float" or has_input_site
+
+
+def _replace(self: QuantizedWeight, **changes: Any) -> QuantizedWeight:
+  """`dataclasses.replace`, dropping the kernel's packed copy unless given:
+  it belongs to the old int values."""
+  changes.setdefault("packed", None)
+  return dataclasses.replace(self, **changes)
+
+
+QuantizedWeight.replace = _replace  # flax.struct.dataclass sets its own replace
+
+
+def with_cpu_int8_kernel(w: QuantizedWeight) -> QuantizedWeight:
+  """`w` carrying its weight in the CPU int8 kernel's layout (packed now, once)."""
+  return dataclasses.replace(w, packed=cpu_int8.pack(w.qt.qvalue))
+
+
+def without_cpu_int8_kernel(tree: Any) -> Any:
+  """`tree` with the kernel's packed copy removed from every QuantizedWeight."""
+  return jax.tree_util.tree_map(
+      lambda x: x.replace() if isinstance(x, QuantizedWeight) else x, tree,
+      is_leaf=lambda x: isinstance(x, QuantizedWeight))
+
+
+def _integer_dot(w: QuantizedWeight) -> Callable | None:
+  """The integer dot of `w`'s matmul: the CPU int8 kernel on its packed copy,
+  or None (XLA's dot)."""
+  return None if w.packed is None else functools.partial(cpu_int8.dot_general,
+                                                          packed=w.packed)
+
 
 @weight_matmul.register
 def _quantized_matmul(w: QuantizedWeight, x: jax.Array) -> jax.Array:
   act_bits = None if w.activations == "float" else w.act_bits
   cfg = aqt_dot_general(act_bits, w.bits)
+  if act_bits is not None and w.packed is not None:
+    cfg = with_integer_dot(cfg, _integer_dot(w))
   lhs_qt = None
   if w.activations == "static":
     if w.act_shift is not None:
@@ -136,7 +185,8 @@ def _(w: QuantizedWeight, x: jax.Array, act: Any) -> jax.Array:
                      f"({w.activations}) cannot also have an input site quantizer; "
                      "quantize its weight with activations='float'")
   if isinstance(act, Uniform):
-    return quantized_dot_general(x, act, None, w.qt, _dims(x), rhs_bits=w.bits)
+    return quantized_dot_general(x, act, None, w.qt, _dims(x), rhs_bits=w.bits,
+                                 integer_dot=_integer_dot(w))
   if has_planes(act):  # log or twin-uniform codes: int8 planes x int weight
     return planes_dot_general(act.planes(x), None, w.qt, _dims(x)).astype(x.dtype)
   return weight_matmul(w, act(x))  # other quantizers: their values, weight-only dot
@@ -190,4 +240,4 @@ def _(w: FakeQuantWeight) -> Any:
 
 @value_count.register
 def _(w: QuantizedWeight) -> int:
-  return sum(int(a.size) for a in jax.tree_util.tree_leaves(w))
+  return sum(int(a.size) for a in jax.tree_util.tree_leaves(w.replace()))

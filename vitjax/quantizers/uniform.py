@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import flax.struct
 import jax
@@ -176,16 +176,28 @@ def _sum_over_contraction(rhs: jax.Array, dims, lhs_ndim: int) -> jax.Array:
                        rhs.shape)
 
 
+def with_integer_dot(cfg: aqt_config.DotGeneral,
+                     integer_dot: Callable[..., jax.Array]) -> aqt_config.DotGeneral:
+  """AQT config `cfg` whose forward dot of the integer codes is `integer_dot`
+  (a `lax.dot_general` replacement, e.g. `vitjax.kernels.cpu_int8.dot_general`)
+  instead of XLA's. AQT's custom gradient is left out: such a dot is for
+  inference and needs none."""
+  return dataclasses.replace(cfg, apply_custom_vjp_on_jax=False,
+                             fwd=dataclasses.replace(cfg.fwd, dot_general=integer_dot))
+
+
 def quantized_dot_general(lhs: jax.Array, lhs_q: Uniform, rhs: jax.Array | None,
                           rhs_q: Uniform | aqt_tensor.QTensor, dims,
-                          rhs_bits: int | None = None) -> jax.Array:
+                          rhs_bits: int | None = None,
+                          integer_dot: Callable[..., jax.Array] | None = None) -> jax.Array:
   """`lax.dot_general(lhs_q(lhs), rhs_q(rhs), dims)` as an integer dot (AQT).
 
   Both operands are quantized to int8 (or fewer bits) and multiplied in
   int32; the scales are applied to the int32 result. `rhs_q` is a Uniform
   (an activation; it must be symmetric) or AQT's `QTensor` of a pre-quantized
   weight with `rhs_bits` bits (then `rhs` is ignored). An lhs shift is removed
-  exactly afterwards: sum((a + s) b) - s sum(b).
+  exactly afterwards: sum((a + s) b) - s sum(b). `integer_dot` replaces
+  XLA's dot of the codes (`with_integer_dot`).
 
   Raises:
     ValueError: a per-channel operand scale, or an asymmetric rhs.
@@ -202,6 +214,8 @@ def quantized_dot_general(lhs: jax.Array, lhs_q: Uniform, rhs: jax.Array | None,
   x = lhs_q._shifted(lhs)
   cfg = aqt_config.dot_general_make(lhs_bits=lhs_q.bits, rhs_bits=bits, bwd_bits=None,
                                     allow_dummy_gradients=True)
+  if integer_dot is not None:
+    cfg = with_integer_dot(cfg, integer_dot)
   y, _ = cfg.dg_core(x, rhs, _operand_qtensor(lhs_q, x, lhs_axes), rhs_qt, dims)
   if lhs_q.shift is not None:
     if isinstance(rhs_q, Uniform):
