@@ -17,7 +17,7 @@ from vitjax import evaluate, export, stablehlo
 from vitjax import model as model_lib
 from vitjax.kernels import cpu_int8
 from vitjax.models.inputs import preprocess
-from vitjax.transforms import ptq, quantize
+from vitjax.transforms import lowrank, prune, ptq, quantize
 
 # (M, K, N): whole tiles, row and column remainders, K not a multiple of 4,
 # N past one strip, and empty operands.
@@ -92,6 +92,11 @@ def _variants():
                                            progress=False),
       "w4a4-minmax": ptq.quantize_model(m, "minmax", calib, w_bits=4, a_bits=4,
                                         progress=False),
+      # wrapped leaves: the input site feeds a mask's values, a low-rank
+      # pair's first factor (the second takes float input: XLA's dot)
+      "prune+static": quantize.static_int8(calib, progress=False)(
+          prune.magnitude(0.5, exclude=("embedding", "head"))(m)),
+      "lowrank+static": quantize.static_int8(calib, progress=False)(lowrank.svd(rank=4)(m)),
   }
 
 
@@ -104,6 +109,11 @@ def test_models_on_the_kernel_give_xlas_logits_bit_for_bit():
     on_kernel = model_lib.use_cpu_int8_kernel(m)
     layers = model_lib.cpu_int8_layers(m)
     assert len(layers) >= 8, name  # qkv/out/fc1/fc2 of two blocks at least
+    if name == "prune+static":
+      assert all(a.endswith("/kernel/w") for a in layers if "encoderblock" in a)
+    if name == "lowrank+static":
+      assert any(a.endswith("/kernel/u") for a in layers)
+      assert not any(a.endswith("/kernel/v") for a in layers)
     hlo = forward.lower(on_kernel, x).as_text()
     assert hlo.count(cpu_int8.TARGET) >= len(layers), name
     assert cpu_int8.TARGET not in forward.lower(m, x).as_text()

@@ -361,15 +361,27 @@ def cpu_int8_layers(model: Model) -> list[str]:
 
 
 def _map_integer_layers(model: Model, fn: Callable[[str, Any], Any]) -> PyTree:
-  def visit(path: tuple, leaf: Any) -> Any:
-    if not isinstance(leaf, leaves.QuantizedWeight):
-      return leaf
+  """`model.params` with `fn(address, leaf)` applied to every QuantizedWeight
+  whose matmul multiplies integers: its own activations are integer, or it is
+  the leaf that takes its layer's input (`leaves.input_leaf`: a mask's
+  values, a low-rank pair's first factor) and a uniform quantizer sits at that
+  input."""
+  def layer(path: tuple, weight: Any) -> Any:
     address = path_str(path)
     site = model.sites.get(address.rsplit("/", 1)[0] + "/input") \
         if address.endswith("/kernel") else None
-    return fn(address, leaf) if leaf.multiplies_integers(isinstance(site, Uniform)) else leaf
-  return jax.tree_util.tree_map_with_path(
-      visit, model.params, is_leaf=lambda x: isinstance(x, leaves.QuantizedWeight))
+    fed_path = leaves.input_leaf(weight)[0] if isinstance(site, Uniform) else None
+
+    def inner(sub: tuple, leaf: Any) -> Any:
+      if not isinstance(leaf, leaves.QuantizedWeight):
+        return leaf
+      names = tuple(path_str(sub).split("/")) if sub else ()
+      if not leaf.multiplies_integers(names == fed_path):
+        return leaf
+      return fn("/".join((address, *names)), leaf)
+    return jax.tree_util.tree_map_with_path(
+        inner, weight, is_leaf=lambda x: isinstance(x, leaves.QuantizedWeight))
+  return jax.tree_util.tree_map_with_path(layer, model.params, is_leaf=leaves.is_compressed)
 
 
 def portable(model: Model) -> Model:

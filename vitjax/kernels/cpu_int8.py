@@ -31,6 +31,7 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
+import threading
 from typing import Literal
 
 import flax.struct
@@ -98,8 +99,17 @@ def _build(compiler: str) -> pathlib.Path:
   return target
 
 
+_LOCK = threading.Lock()
+
+
 @functools.cache
 def _library() -> ctypes.CDLL:
+  with _LOCK:  # compile threads (evaluate.precompile) may ask first together
+    return _load()
+
+
+@functools.cache
+def _load() -> ctypes.CDLL:
   lib = ctypes.cdll.LoadLibrary(str(_build(_compiler())))
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.vitjax_cpu_int8_matmul),
                               platform="cpu")

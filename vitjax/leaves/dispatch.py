@@ -61,6 +61,25 @@ def input_quantized_matmul(w: Any, x: jax.Array, act: Callable[[jax.Array], jax.
   return matmul(act(x), w)
 
 
+@functools.singledispatch
+def input_operand(w: Any) -> str | None:
+  """The field of compressed leaf `w` whose matmul takes the layer's input (and
+  so the input site's quantized values), or None when `w` itself does; leaf
+  types that wrap other leaves register theirs (a mask's values, a low-rank
+  pair's first factor)."""
+  return None
+
+
+def input_leaf(w: Any) -> tuple[tuple[str, ...], Any]:
+  """(field path, leaf) of the innermost leaf of `w` that multiplies the
+  layer's input, following `input_operand`."""
+  path: list[str] = []
+  while (field := input_operand(w)) is not None:
+    path.append(field)
+    w = getattr(w, field)
+  return tuple(path), w
+
+
 def linear(x: jax.Array, w: Any, b: jax.Array | None = None,
            act: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
   """Returns `x @ w + b` for any weight leaf `w` (see `matmul`), with `x`

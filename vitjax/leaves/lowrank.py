@@ -12,9 +12,9 @@ from typing import Any, Callable
 import flax.struct
 import jax
 
-from vitjax.leaves.dispatch import (constrain, input_quantized_matmul, logical_shape,
-                                   map_weights, matmul, register_storable, trainable,
-                                   value_count, weight_matmul)
+from vitjax.leaves.dispatch import (constrain, input_operand, input_quantized_matmul,
+                                   logical_shape, map_weights, matmul, register_storable,
+                                   trainable, value_count, weight_matmul)
 
 
 @register_storable
@@ -42,6 +42,11 @@ def _(w: LowRank, x: jax.Array) -> jax.Array:
 @input_quantized_matmul.register
 def _(w: LowRank, x: jax.Array, act: Callable[[jax.Array], jax.Array]) -> jax.Array:
   return matmul(input_quantized_matmul(w.u, x, act), w.v)
+
+
+@input_operand.register
+def _(w: LowRank) -> str:
+  return "u"
 
 
 @trainable.register

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.leaves.dispatch import (apply_mask, constrain, input_quantized_matmul,
+from vitjax.leaves.dispatch import (apply_mask, constrain, input_operand, input_quantized_matmul,
                                    logical_shape, map_weights, matmul, register_storable,
                                    trainable, value_count, weight_matmul)
 
@@ -51,6 +51,11 @@ def _(w: Masked, x: jax.Array) -> jax.Array:
 @input_quantized_matmul.register
 def _(w: Masked, x: jax.Array, act: Callable[[jax.Array], jax.Array]) -> jax.Array:
   return input_quantized_matmul(apply_mask(w.w, w.mask), x, act)
+
+
+@input_operand.register
+def _(w: Masked) -> str:
+  return "w"
 
 
 @trainable.register
