@@ -5,7 +5,7 @@
 
 Loads the teacher and every method's checkpoint that `vitjax survey` wrote,
 and measures them exactly as the survey does (`evaluate.speeds`: each model
-compiled with `evaluate.fastest_options`, batch-1 latency and batch-256
+run with `evaluate.fastest_options`, batch-1 latency and batch-256
 throughput timed round-robin in this one process, 9 rounds), without the
 accuracy pass. Run it several times in a row to see how stable the survey's
 ratios are on a machine: each run prints every ratio to the teacher as the
@@ -42,7 +42,7 @@ def main() -> None:
   ref = timed["teacher"]
   families = {m.name: m.family for m in METHODS}
   print(f"{xla_cpu.cpu_description()}; {args.rounds} rounds")
-  print("| method | XLA option | speedup b=1 (min-max) | throughput ratio b=256 (min-max) |")
+  print("| method | option | speedup b=1 (min-max) | throughput ratio b=256 (min-max) |")
   print("|---|---|---:|---:|")
   rows = {}
   for name, t in timed.items():
