@@ -102,8 +102,8 @@ def _build(compiler: str) -> pathlib.Path:
 _LOCK = threading.Lock()
 
 
-@functools.cache
 def _library() -> ctypes.CDLL:
+  """The kernel's library, built and registered once per process."""
   with _LOCK:  # compile threads (evaluate.precompile) may ask first together
     return _load()
 
