@@ -21,7 +21,10 @@ side, in alternating rounds in this one process:
   exact there while k * 127^2 < 2^24; checked against `xla-s8`);
 - `vitjax-int8`: vitjax's own CPU int8 kernel (`vitjax.kernels.cpu_int8`,
   an XLA FFI custom call; weight packed once, as `use_cpu_int8_kernel`
-  does), checked equal to `xla-s8`; left out where it cannot be built;
+  does) on its fastest code path here (`cpu_int8.isa()`), checked equal to
+  `xla-s8`; left out where it cannot be built;
+- `vitjax-int8-avx512-vnni`: the same kernel on its AVX-512 VNNI path, where
+  a faster path (AMX) exists: the before and after of that path;
 - `torch-f32`: `torch.nn.functional.linear`;
 - `torch.ao-s8`: `torch.ao.nn.quantized.Linear` (fbgemm) on an input already
   quantized to quint8, its output requantized: the int8 kernel of torch.ao;
@@ -36,6 +39,7 @@ round) and multiply-accumulates per second. torch is a benchmark/test extra:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import statistics
@@ -83,11 +87,18 @@ def jax_kernels(x: np.ndarray, w: np.ndarray) -> dict[str, Callable[[], object]]
     cpu_int8.isa()
   except cpu_int8.KernelUnavailable:
     return kernels
-  packed, n_out = cpu_int8.pack(ws), w.shape[1]
+  n_out = w.shape[1]
   ours = jax.jit(cpu_int8.matmul, static_argnums=2)
-  if not np.array_equal(np.asarray(ours(xs, packed, n_out)), exact):
-    raise AssertionError("vitjax's int8 kernel does not give the int32 product")
-  kernels["vitjax-int8"] = lambda: ours(xs, packed, n_out)
+  fastest = cpu_int8.isa()
+  paths = {"vitjax-int8": None}
+  if fastest == "amx":
+    paths["vitjax-int8-avx512-vnni"] = "avx512-vnni"
+  for name, path in paths.items():
+    packed = cpu_int8.pack(ws, path)
+    if not np.array_equal(np.asarray(ours(xs, packed, n_out)), exact):
+      raise AssertionError(f"vitjax's int8 kernel ({path or fastest}) does not give the "
+                           "int32 product")
+    kernels[name] = functools.partial(ours, xs, packed, n_out)
   return kernels
 
 

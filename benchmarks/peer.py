@@ -21,7 +21,9 @@ and int4, dynamic int8, static int8, W8A8 at every matmul and at every site),
 each run with its fastest option, vitjax's CPU int8 kernel
 (`vitjax.kernels.cpu_int8`) among them where it applies. Each variant with
 integer matmuls is also timed as "<name> (XLA dots)", the fastest option
-without that kernel: the before and after of the kernel, side by side.
+without that kernel: the before and after of the kernel, side by side. Where
+the kernel has an AMX path, dynamic and static int8 are also timed as
+"<name> (AVX-512 VNNI kernel)": the kernel on its previous, VNNI path.
 
 Printed: batch-1 latency and batch-`--batch` time per batch, the median over
 rounds and its ratio to PyTorch fp32 with the lowest and highest ratio of a
@@ -63,6 +65,7 @@ SHAPES: dict[str, ViTConfig] = {
 }
 INT8 = ("weight-int8", "dynamic-int8", "static-int8", "w8a8-matmuls", "w8a8-all-sites")
 XLA_DOTS = "(XLA dots)"
+VNNI_KERNEL = "(AVX-512 VNNI kernel)"
 
 
 def random_model(cfg: ViTConfig) -> model_lib.Model:
@@ -120,16 +123,21 @@ def measure(shape: str, batch: int, rounds: int, progress: bool = True) -> dict:
   parity = check_parity(model, torch_models["torch-fp32"])
   variants = quantization.variants(model)
   jax_models = {"vitjax-fp32 (xla-default)": model, "vitjax-fp32": variants.pop("fp32")}
+  amx = cpu_int8.fast_here() and cpu_int8.isa() == "amx"
   for name, m in variants.items():
     jax_models[name] = m
     if model_lib.cpu_int8_layers(m):
       jax_models[f"{name} {XLA_DOTS}"] = m
+      if amx and name in ("dynamic-int8", "static-int8"):
+        jax_models[f"{name} {VNNI_KERNEL}"] = m
+  on_vnni = {**xla_cpu.CANDIDATES["xla-default"], evaluate.CPU_INT8_KERNEL: "avx512-vnni"}
   result = {"config": cfg.to_dict(), "parity_max_abs_logit_diff": parity, "batches": {}}
   for b, calls in ((1, 10), (batch, 1)):
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, (b, cfg.image_size, cfg.image_size, cfg.channels)
                           ).astype(np.uint8)
-    options = {name: ({} if name.endswith("(xla-default)") else
+    options = {name: ({} if name.endswith("(xla-default)") else on_vnni
+                      if name.endswith(VNNI_KERNEL) else
                       evaluate.fastest_options(m, b, int8_kernel=not name.endswith(XLA_DOTS)))
                for name, m in jax_models.items()}
     fns = {name: torch_call(m, images) for name, m in torch_models.items()}

@@ -1,10 +1,6 @@
-"""vitjax's CPU int8 kernel: the exact int32 product, on its fast path and on
-the plain loop, and the same logits as XLA's dots in a whole model."""
-
-import os
-import pathlib
-import subprocess
-import sys
+"""vitjax's CPU int8 kernel: the exact int32 product on every code path this
+CPU has (AMX tiles, AVX-512 VNNI, the plain loop), and the same logits as
+XLA's dots in a whole model."""
 
 import jax
 import jax.numpy as jnp
@@ -19,37 +15,48 @@ from vitjax.kernels import cpu_int8
 from vitjax.models.inputs import preprocess
 from vitjax.transforms import lowrank, prune, ptq, quantize
 
-# (M, K, N): whole tiles, row and column remainders, K not a multiple of 4,
-# N past one strip, and empty operands.
+# (M, K, N): whole register tiles, row and column remainders, K not a
+# multiple of 4, N past one strip, and empty operands; for AMX (K a multiple
+# of 64): fewer rows than one tile (13), 32- and 16-row blocks with a
+# remainder (197 = 4 x 48 + 5, 50, 33), a half-filled last strip (17, 100),
+# and K of many tiles (3072). Products of more than 2^22 (VNNI) or 2^24 (AMX)
+# multiply-adds share their tasks with XLA's thread pool (197 x 192 x 192,
+# 33 x 3072 x 64, 200 x 768 x 130); smaller ones run on the calling thread.
 SHAPES = [(1, 1, 1), (7, 5, 3), (13, 64, 17), (197, 192, 192), (50, 770, 100), (6, 8, 64),
-          (100, 4, 129), (49, 36, 80), (0, 8, 8), (5, 0, 7), (3, 9, 0)]
+          (100, 4, 129), (49, 36, 80), (0, 8, 8), (5, 0, 7), (3, 9, 0), (50, 128, 100),
+          (33, 3072, 64), (16, 64, 32), (200, 768, 130)]
 
-CHECK_EXACT = """
-import numpy as np
-from vitjax.kernels import cpu_int8
-print(cpu_int8.isa())
-rng = np.random.default_rng(0)
-for m, k, n in {shapes}:
-  a = rng.integers(-128, 128, (m, k)).astype(np.int8)
-  b = rng.integers(-128, 128, (k, n)).astype(np.int8)
-  got = np.asarray(cpu_int8.matmul(a, cpu_int8.pack(b), n))
-  assert np.array_equal(got, a.astype(np.int64) @ b.astype(np.int64)), (m, k, n)
-print("exact")
-"""
+
+def paths():
+  """Every code path, skipped where this CPU lacks it."""
+  here = cpu_int8.available()
+  return [pytest.param(p, marks=pytest.mark.skipif(p not in here,
+                                                   reason=f"this CPU has no {p} path"))
+          for p in cpu_int8.ISAS]
 
 
 def reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return a.astype(np.int64) @ b.astype(np.int64)
 
 
+@pytest.mark.parametrize("isa", paths())
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_matmul_is_the_exact_int32_product(m, k, n):
+def test_matmul_is_the_exact_int32_product(m, k, n, isa):
   rng = np.random.default_rng(m * 1000 + k * 10 + n)
   a = rng.integers(-128, 128, (m, k)).astype(np.int8)
   b = rng.integers(-128, 128, (k, n)).astype(np.int8)
-  got = np.asarray(jax.jit(cpu_int8.matmul, static_argnums=2)(a, cpu_int8.pack(b), n))
+  packed = cpu_int8.pack(b, isa)
+  assert packed.isa == isa
+  got = np.asarray(jax.jit(cpu_int8.matmul, static_argnums=2)(a, packed, n))
   assert got.dtype == np.int32
   np.testing.assert_array_equal(got, reference(a, b))
+
+
+def test_fastest_path_is_the_default_and_paths_are_ordered():
+  here = cpu_int8.available()
+  assert here[0] == cpu_int8.isa() and here[-1] == "generic"
+  assert list(here) == sorted(here, key=cpu_int8.ISAS.index, reverse=True)
+  assert cpu_int8.pack(np.ones((4, 4), np.int8)).isa is None
 
 
 def test_extremes_leading_axes_and_int4_weights():
@@ -63,16 +70,6 @@ def test_extremes_leading_axes_and_int4_weights():
   x = np.random.default_rng(2).integers(-128, 128, (5, 24)).astype(np.int8)
   got = cpu_int8.matmul(x, cpu_int8.pack(jnp.asarray(w4, jnp.int4)), 10)
   np.testing.assert_array_equal(np.asarray(got), reference(x, w4))
-
-
-def test_plain_loop_path_is_exact_too():
-  # The reference loop runs on CPUs without AVX-512 VNNI; force it here.
-  env = dict(os.environ, VITJAX_CPU_INT8_ISA="generic")
-  root = pathlib.Path(__file__).resolve().parents[1]
-  out = subprocess.run([sys.executable, "-c", CHECK_EXACT.format(shapes=SHAPES[:8])],
-                       env=env, cwd=root, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stdout.split() == ["generic", "exact"]
 
 
 def _calibration(n: int = 32) -> data_lib.Split:
@@ -128,6 +125,27 @@ def test_models_on_the_kernel_give_xlas_logits_bit_for_bit():
   assert model_lib.cpu_int8_layers(base) == []
 
 
+@pytest.mark.parametrize("isa", paths())
+def test_every_path_gives_xlas_logits_at_whole_amx_tiles(isa):
+  # dim 64 and mlp 128: every K is whole AMX tiles, so AMX runs every layer
+  cfg = TINY.replace(dim=64, mlp_dim=128, num_heads=2)
+  m = noisy_model(cfg, seed=4)
+  calib = data_lib.Split(np.random.default_rng(5).integers(0, 256, (32, 8, 8, 1)).astype(
+      np.uint8), np.zeros(32, np.int32), "train")
+  x = preprocess(np.random.default_rng(6).integers(0, 256, (9, 8, 8, 1)).astype(np.uint8), cfg)
+  forward = jax.jit(model_lib.apply)
+  for q in (quantize.dynamic_int8()(m), quantize.static_int8(calib, progress=False)(m)):
+    on_path = model_lib.use_cpu_int8_kernel(q, isa)
+    assert {leaf.packed.isa for leaf in jax.tree_util.tree_leaves(
+        on_path.params, is_leaf=lambda x: hasattr(x, "packed"))
+            if getattr(leaf, "packed", None) is not None} == {isa}
+    xla = np.asarray(forward(q, x))
+    assert xla.std(0).max() > 0.05
+    np.testing.assert_array_equal(np.asarray(forward(on_path, x)), xla, err_msg=isa)
+  prepared, _ = evaluate.prepared(q, {evaluate.CPU_INT8_KERNEL: isa})
+  np.testing.assert_array_equal(np.asarray(forward(prepared, x)), xla)
+
+
 def test_saving_and_exporting_drop_the_kernel(tmp_path):
   _, variants = _variants()
   m = variants["dynamic-int8"]
@@ -166,6 +184,8 @@ def test_evaluate_runs_the_kernel_option_and_names_it():
   chosen = evaluate.fastest_options(m, 2, calls=1)
   assert evaluate.options_name(chosen) in evaluate.candidates(m)
   assert evaluate.options_name(options) == evaluate.KERNEL_CANDIDATE
+  assert evaluate.options_name({**options, evaluate.CPU_INT8_KERNEL: "generic"}) == \
+      "xla-default+cpu-int8[generic]"
 
 
 def test_refusals_name_what_is_wrong():
@@ -174,8 +194,16 @@ def test_refusals_name_what_is_wrong():
     model_lib.use_cpu_int8_kernel(plain)
   with pytest.raises(ValueError, match="no layer of this model multiplies integers"):
     model_lib.use_cpu_int8_kernel(quantize.weight_only(8)(plain))
-  with pytest.raises(ValueError, match="only value is 'on'"):
+  with pytest.raises(ValueError, match=r"'vitjax_cpu_int8_kernel'\]='yes'; allowed are 'on'"):
     evaluate.prepared(plain, {evaluate.CPU_INT8_KERNEL: "yes"})
+  with pytest.raises(ValueError, match=r"isa='sse2': the kernel's code paths are"):
+    cpu_int8.pack(jnp.ones((4, 4), jnp.int8), "sse2")
+  with pytest.raises(ValueError, match=r"isa='sse2': the kernel's code paths are"):
+    model_lib.use_cpu_int8_kernel(quantize.dynamic_int8()(plain), "sse2")
+  missing = [p for p in cpu_int8.ISAS if p not in cpu_int8.available()]
+  if missing:
+    with pytest.raises(ValueError, match=f"isa='{missing[0]}': this CPU runs only"):
+      cpu_int8.pack(jnp.ones((4, 4), jnp.int8), missing[0])
   with pytest.raises(ValueError, match="takes XLA compiler options"):
     evaluate.predictor(evaluate.kernel_candidate())
   with pytest.raises(ValueError, match="integer weight of at most 8 bits"):
@@ -195,3 +223,11 @@ def test_no_compiler_is_a_clear_error(monkeypatch):
   monkeypatch.setattr(cpu_int8.shutil, "which", lambda name: None)
   with pytest.raises(cpu_int8.KernelUnavailable, match="no C.. compiler was found"):
     cpu_int8._compiler()
+
+
+def test_unwritable_kernel_cache_is_a_clear_error(monkeypatch, tmp_path):
+  (tmp_path / "a-file").write_text("")  # a file where a directory must go (even root fails)
+  monkeypatch.setenv("VITJAX_KERNEL_CACHE", str(tmp_path / "a-file" / "cache"))
+  with pytest.raises(cpu_int8.KernelUnavailable, match="set VITJAX_KERNEL_CACHE"):
+    cpu_int8._build(cpu_int8._compiler())
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -38,7 +38,8 @@ from vitjax.models.inputs import preprocess
 Options = Mapping[str, str]
 
 # The options entry that puts a model's integer matmuls on vitjax's CPU int8
-# kernel (vitjax.kernels.cpu_int8); its value is "on".
+# kernel (vitjax.kernels.cpu_int8); its value is "on" (the kernel's fastest
+# code path here) or a code path by name (`cpu_int8.ISAS`).
 CPU_INT8_KERNEL = "vitjax_cpu_int8_kernel"
 # `fastest_options`' candidate with that kernel: XLA's defaults plus the kernel
 # (with YNNPACK fusions off the kernel's models were slower: 17.4 against
@@ -48,21 +49,23 @@ KERNEL_CANDIDATE = "xla-default+cpu-int8"
 
 def prepared(model: Model, options: Options | None) -> tuple[Model, dict[str, str]]:
   """(`model`, XLA compiler options) for `options`: with `CPU_INT8_KERNEL`
-  "on", the model on vitjax's CPU int8 kernel (`model.use_cpu_int8_kernel`).
+  "on", the model on vitjax's CPU int8 kernel (`model.use_cpu_int8_kernel`);
+  with a code path's name (`cpu_int8.ISAS`), on that path.
 
   Raises:
-    ValueError: `CPU_INT8_KERNEL` is not "on", or the model has no integer
-      matmul for the kernel.
+    ValueError: `CPU_INT8_KERNEL` is neither "on" nor a code path of this
+      CPU, or the model has no integer matmul for the kernel.
     KernelUnavailable: the kernel cannot run here.
   """
   xla = dict(options or {})
   kernel = xla.pop(CPU_INT8_KERNEL, None)
   if kernel is None:
     return model, xla
-  if kernel != "on":
-    raise ValueError(f"options[{CPU_INT8_KERNEL!r}]={kernel!r}; the only value is 'on' "
-                     "(leave the entry out for XLA's own dots)")
-  return model_lib.use_cpu_int8_kernel(model), xla
+  if kernel != "on" and kernel not in cpu_int8.ISAS:
+    raise ValueError(f"options[{CPU_INT8_KERNEL!r}]={kernel!r}; allowed are 'on' (the "
+                     f"kernel's fastest code path) or one of {list(cpu_int8.ISAS)} (leave the "
+                     "entry out for XLA's own dots)")
+  return model_lib.use_cpu_int8_kernel(model, None if kernel == "on" else kernel), xla
 
 
 def _forward(model: Model, images: jax.Array) -> jax.Array:
@@ -230,10 +233,12 @@ ChooseOptions = Callable[[Model, int], Options]
 
 
 def options_name(options: Options) -> str:
-  """The candidate name of `options` (`KERNEL_CANDIDATE` or one of
-  `xla_cpu.CANDIDATES`), else "given"."""
-  if dict(options) == kernel_candidate():
-    return KERNEL_CANDIDATE
+  """The candidate name of `options` (`KERNEL_CANDIDATE`, that candidate on a
+  named code path of the kernel as "xla-default+cpu-int8[avx512-vnni]", or
+  one of `xla_cpu.CANDIDATES`), else "given"."""
+  path = dict(options).get(CPU_INT8_KERNEL)
+  if path is not None and {**options, CPU_INT8_KERNEL: "on"} == kernel_candidate():
+    return KERNEL_CANDIDATE if path == "on" else f"{KERNEL_CANDIDATE}[{path}]"
   try:
     return xla_cpu.candidate_name(options)
   except ValueError:

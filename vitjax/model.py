@@ -323,17 +323,19 @@ def flops_per_image(model: Model) -> int:
 # ------------------------------------------------------------ CPU int8 kernel
 
 
-def use_cpu_int8_kernel(model: Model) -> Model:
+def use_cpu_int8_kernel(model: Model, isa: cpu_int8.Isa | None = None) -> Model:
   """`model` whose integer matmuls run on vitjax's CPU int8 kernel
   (`vitjax.kernels.cpu_int8`): every QuantizedWeight that multiplies integer
   activations (its own dynamic/static int8 ones, or a uniform quantizer at its
-  input site) gets its weight packed in the kernel's layout. The logits are
+  input site) gets its weight packed in the kernel's layout, for the kernel's
+  code path `isa` (None: the fastest this CPU has, `cpu_int8.isa()`). The logits are
   bit-identical; the kernel runs forward only and on the CPU backend only.
   `portable` undoes it; saving and exporting drop it by themselves.
 
   Raises:
     ValueError: no layer of `model` multiplies integers (weight-only or float
-      models: nothing would run on the kernel).
+      models: nothing would run on the kernel), or `isa` is not a code path
+      of this CPU (`cpu_int8.check_isa`).
     KernelUnavailable: the backend is not the CPU, or the kernel cannot be
       built here (no C++ compiler).
   """
@@ -347,8 +349,9 @@ def use_cpu_int8_kernel(model: Model) -> Model:
         f"the CPU int8 kernel runs on the CPU backend; this process's default backend is "
         f"{jax.default_backend()!r}")
   cpu_int8.isa()  # builds and loads it now, or says why it cannot
+  cpu_int8.check_isa(isa)
   return model.replace(params=_map_integer_layers(
-      model, lambda address, leaf: leaves.with_cpu_int8_kernel(leaf)))
+      model, lambda address, leaf: leaves.with_cpu_int8_kernel(leaf, isa)))
 
 
 def cpu_int8_layers(model: Model) -> list[str]:

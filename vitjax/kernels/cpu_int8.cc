@@ -8,14 +8,24 @@
 // within a strip, for every 4 rows of K, 64 bytes per 16 columns holding
 // those columns' 4 consecutive K values: data[s][kq][v * 64 + n * 4 + r] =
 // B[4 kq + r][64 s + 16 v + n], zero-padded. `corr` holds 128 * the column
-// sums of B. With AVX-512 VNNI, `vpdpbusd` multiplies unsigned by signed
-// bytes, so A is offset by 128 on the fly (a xor 0x80) and 128 * colsum(B) is
-// subtracted again: the result is the exact int32 product. Without VNNI a
-// plain loop computes the same numbers.
+// sums of B. Three code paths compute the same exact int32 product; a call
+// runs the one its "isa" attribute names, or the fastest this CPU has:
+//  - AMX (Intel Sapphire Rapids and later, with the kernel's permission to use
+//    tile data, ARCH_REQ_XCOMP_PERM): `tdpbssd` multiplies signed by signed
+//    bytes in 16 x 16 int32 tiles. A packed strip is already a column of AMX
+//    B tiles: 16 quads of K (rows 256 bytes apart) by 16 columns, so AMX reads
+//    the same packing. It needs K to be a multiple of 64 (whole tiles);
+//    other layers take the VNNI path.
+//  - AVX-512 VNNI: `vpdpbusd` multiplies unsigned by signed bytes, so A is
+//    offset by 128 on the fly (a xor 0x80) and 128 * colsum(B) is subtracted
+//    again.
+//  - Otherwise a plain loop.
 //
 // Work is split into tasks of (48 rows, one strip), shared with XLA's
 // intra-op thread pool; the calling thread takes tasks too, so the call
-// completes even when no pool thread is free.
+// completes even when no pool thread is free. Small products (under 2^22
+// multiply-adds on VNNI, 2^24 on AMX: about 15 us of one core) run on the
+// calling thread alone, because waking a pool thread costs more than it saves.
 
 #include <algorithm>
 #include <atomic>
@@ -28,7 +38,10 @@
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace ffi = xla::ffi;
@@ -152,27 +165,138 @@ bool cpu_has_vnni() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vnni");
 }
+
+#define AMX_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vnni")))
+
+// The tile configuration of palette 1: every tile 16 rows of 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+// C[16 * MB rows, 32 columns] = A[16 * MB rows, K] . B[K, columns v0 * 16 ..
+// v0 * 16 + 31 of a strip], in tiles 0-3 (C), 4-5 (A) and 6-7 (B).
+template <int MB>
+AMX_TARGET void amx_block(const int8_t* a, int64_t lda, const int8_t* bp, int64_t kq_count,
+                          int32_t* c, int64_t ldc) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (MB > 1) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t kq = 0; kq < kq_count; kq += 16) {
+    _tile_loadd(6, bp + kq * kQuadBytes, kQuadBytes);
+    _tile_loadd(7, bp + kq * kQuadBytes + 64, kQuadBytes);
+    _tile_loadd(4, a + kq * 4, lda);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    if constexpr (MB > 1) {
+      _tile_loadd(5, a + 16 * lda + kq * 4, lda);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+    }
+  }
+  const int64_t stride = ldc * 4;
+  _tile_stored(0, c, stride);
+  _tile_stored(1, c + 16, stride);
+  if constexpr (MB > 1) {
+    _tile_stored(2, c + 16 * ldc, stride);
+    _tile_stored(3, c + 16 * ldc + 16, stride);
+  }
+}
+
+// Tiles are configured once per thread and call (amx_begin), and released
+// when that thread has no more tasks of the call (amx_end).
+AMX_TARGET void amx_begin() {
+  static const TileConfig config;
+  _tile_loadconfig(&config);
+}
+
+AMX_TARGET void amx_end() { _tile_release(); }
+
+// One strip by AMX tiles: blocks of 32 (then 16) rows by 32 columns. Blocks
+// that overhang C (the last rows, the padded columns of the last strip) are
+// computed from zero-padded rows of A into a local tile and copied out.
+AMX_TARGET void strip_amx_tiles(const int8_t* a, int64_t lda, int64_t rows, const int8_t* bp,
+                                int64_t kq_count, int32_t* c, int64_t ldc, int64_t ncols) {
+  alignas(64) int32_t local[32 * 32];
+  thread_local std::vector<int8_t> padded;
+  for (int64_t i = 0; i < rows;) {
+    const int64_t left = rows - i;
+    const int mb = left >= 32 ? 2 : 1;
+    const int64_t block_rows = std::min<int64_t>(left, 16 * mb);
+    const int8_t* ai = a + i * lda;
+    if (block_rows < 16) {  // fewer rows than a tile: pad them with zeros
+      padded.assign(static_cast<size_t>(16 * lda), 0);
+      std::memcpy(padded.data(), ai, static_cast<size_t>(block_rows * lda));
+      ai = padded.data();
+    }
+    for (int64_t j = 0; j < ncols; j += 32) {
+      const bool whole = block_rows == 16 * mb && j + 32 <= ncols;
+      int32_t* out = whole ? c + i * ldc + j : local;
+      const int64_t ld = whole ? ldc : 32;
+      if (mb == 2)
+        amx_block<2>(ai, lda, bp + j * 4, kq_count, out, ld);
+      else
+        amx_block<1>(ai, lda, bp + j * 4, kq_count, out, ld);
+      if (!whole) {
+        const int64_t cols = std::min<int64_t>(32, ncols - j);
+        for (int64_t r = 0; r < block_rows; ++r)
+          std::memcpy(c + (i + r) * ldc + j, local + r * 32, static_cast<size_t>(cols * 4));
+      }
+    }
+    i += block_rows;
+  }
+}
+
+// AMX where K is whole tiles (a multiple of 64), VNNI otherwise.
+AMX_TARGET void strip_amx(const int8_t* a, int64_t lda, int64_t rows, const int8_t* bp,
+                          int64_t kq_count, const int32_t* corr, int32_t* c, int64_t ldc,
+                          int64_t ncols) {
+  if (kq_count % 16 != 0) return strip_vnni(a, lda, rows, bp, kq_count, corr, c, ldc, ncols);
+  strip_amx_tiles(a, lda, rows, bp, kq_count, c, ldc, ncols);
+}
+
+// AMX-TILE and AMX-INT8 in CPUID, and Linux's permission for this process to
+// use tile data (asked once; refused on kernels before 5.16).
+bool cpu_has_amx() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  if (!((edx >> 24) & 1) || !((edx >> 25) & 1)) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
 #else
 bool cpu_has_vnni() { return false; }
+bool cpu_has_amx() { return false; }
 #endif
 
 using StripFn = void (*)(const int8_t*, int64_t, int64_t, const int8_t*, int64_t, const int32_t*,
                          int32_t*, int64_t, int64_t);
 
-// The VNNI path where the CPU has it, unless VITJAX_CPU_INT8_ISA=generic asks
-// for the plain loop (tests of the reference path on any CPU).
-bool use_vnni() {
-  const char* want = std::getenv("VITJAX_CPU_INT8_ISA");
-  return cpu_has_vnni() && !(want != nullptr && std::strcmp(want, "generic") == 0);
+// Code paths by number, as the "isa" attribute and vitjax_cpu_int8_isa name
+// them; each CPU runs its fastest and every slower one.
+constexpr int32_t kGeneric = 0, kVnni = 1, kAmx = 2;
+
+int32_t fastest_isa() {
+#if defined(__x86_64__)
+  static const int32_t isa = !cpu_has_vnni() ? kGeneric : cpu_has_amx() ? kAmx : kVnni;
+  return isa;
+#else
+  return kGeneric;
+#endif
 }
 
-StripFn strip_fn() {
+StripFn strip_fn(int32_t isa) {
 #if defined(__x86_64__)
-  static const StripFn fn = use_vnni() ? strip_vnni : strip_generic;
-#else
-  static const StripFn fn = strip_generic;
+  if (isa == kAmx) return strip_amx;
+  if (isa == kVnni) return strip_vnni;
 #endif
-  return fn;
+  return strip_generic;
 }
 
 struct Progress {
@@ -180,8 +304,13 @@ struct Progress {
   std::atomic<int64_t> done{0};
 };
 
+// `isa`: the code path (kGeneric, kVnni, kAmx), or -1 for the fastest here.
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<ffi::S8> packed,
-                      ffi::Buffer<ffi::S32> corr, ffi::ResultBuffer<ffi::S32> out) {
+                      ffi::Buffer<ffi::S32> corr, ffi::ResultBuffer<ffi::S32> out, int32_t isa) {
+  if (isa < 0) isa = fastest_isa();
+  if (isa > fastest_isa())
+    return ffi::Error::InvalidArgument(
+        "vitjax_cpu_int8_matmul: this CPU lacks the requested code path (isa attribute)");
   const auto ad = a.dimensions(), pd = packed.dimensions(), od = out->dimensions();
   if (ad.size() != 2 || pd.size() != 3 || od.size() != 2 || pd[2] != kQuadBytes)
     return ffi::Error::InvalidArgument(
@@ -205,21 +334,38 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<
   const int8_t* bp = packed.typed_data();
   const int32_t* cp = corr.typed_data();
   int32_t* op = out->typed_data();
-  const StripFn strip = strip_fn();
+  const StripFn strip = strip_fn(isa);
   const int64_t row_tasks = (M + kTaskRows - 1) / kTaskRows, tasks = row_tasks * strips;
+  const bool tiles = isa == kAmx && kq_count % 16 == 0;  // strip_amx takes AMX tiles
   auto run = [=](Progress& p) {
+    bool began = false;
     for (int64_t t; (t = p.next.fetch_add(1)) < tasks;) {
+#if defined(__x86_64__)
+      if (tiles && !began) {
+        amx_begin();
+        began = true;
+      }
+#endif
       const int64_t m0 = (t / strips) * kTaskRows, s = t % strips;
       const int64_t col0 = s * kStripCols;
       strip(ap + m0 * lda, lda, std::min(kTaskRows, M - m0), bp + s * kq_count * kQuadBytes,
             kq_count, cp + col0, op + m0 * N + col0, N, std::min(kStripCols, N - col0));
       p.done.fetch_add(1);
     }
+#if defined(__x86_64__)
+    if (began) amx_end();
+#endif
   };
   // Helpers share the counters through a shared_ptr: one that starts after
   // every task is taken finds none and touches nothing else of this call.
   auto progress = std::make_shared<Progress>();
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks - 1);
+  // Small products on the calling thread alone (see the top of this file;
+  // benchmarks/int8_gemm.py's b=1 rows, before and after, in RESULTS.md).
+  const int64_t serial_macs = isa == kAmx && kq_count % 16 == 0 ? (int64_t{1} << 24)
+                                                                   : (int64_t{1} << 22);
+  const int64_t macs = M * kq_count * 4 * N;
+  const int64_t helpers =
+      macs < serial_macs ? 0 : std::min<int64_t>(pool.num_threads(), tasks - 1);
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule([progress, run]() { run(*progress); });
   run(*progress);
   while (progress->done.load() < tasks) {
@@ -238,7 +384,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(vitjax_cpu_int8_matmul, Int8Matmul,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int32_t>("isa"));
 
-// 1 when the AVX-512 VNNI path runs, 0 for the plain loop.
-extern "C" int vitjax_cpu_int8_isa() { return strip_fn() == strip_generic ? 0 : 1; }
+// The fastest code path of this CPU: 2 AMX, 1 AVX-512 VNNI, 0 the plain loop.
+extern "C" int vitjax_cpu_int8_isa() { return fastest_isa(); }

@@ -4,8 +4,8 @@ XLA's CPU int8 dot (YNNPACK in jaxlib 0.10) reaches 37-138 GMAC/s on the
 project's 2-core EPYC with AVX-512 VNNI, where PyTorch's fbgemm reaches
 87-334 (benchmarks/RESULTS.md); no library of the JAX ecosystem offers a
 faster CPU int8 GEMM. So vitjax carries one: `cpu_int8.cc`, an XLA FFI
-custom call with an AVX-512 VNNI microkernel (a plain C++ loop on other
-CPUs), compiled on first use with the machine's C++ compiler (`CXX`, else
+custom call with an AMX tile kernel (Intel Sapphire Rapids and later) and an
+AVX-512 VNNI microkernel (a plain C++ loop on other CPUs), compiled on first use with the machine's C++ compiler (`CXX`, else
 g++ or c++) against jaxlib's FFI headers and cached under
 `~/.cache/vitjax/kernels/` (or `$VITJAX_KERNEL_CACHE`).
 
@@ -37,12 +37,14 @@ from typing import Literal
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_int8.cc")
 TARGET = "vitjax_cpu_int8_matmul"
 STRIP = 64  # columns per packed strip (cpu_int8.cc: kStripCols)
 
-Isa = Literal["avx512-vnni", "generic"]
+Isa = Literal["amx", "avx512-vnni", "generic"]
+ISAS: tuple[Isa, ...] = ("generic", "avx512-vnni", "amx")  # slowest first; code = index
 
 
 class KernelUnavailable(RuntimeError):
@@ -71,7 +73,8 @@ def _build(compiler: str) -> pathlib.Path:
   """The shared library for this source, compiler and jaxlib, built if missing.
 
   Raises:
-    KernelUnavailable: the compiler failed (its message is included).
+    KernelUnavailable: the compiler failed (its message is included), or the
+      cache directory cannot be written.
   """
   include = jax.ffi.include_dir()
   flags = ["-O3", "-std=c++17", "-shared", "-fPIC", f"-I{include}"]
@@ -81,10 +84,14 @@ def _build(compiler: str) -> pathlib.Path:
   target = cache_dir() / key / "libvitjax_cpu_int8.so"
   if target.exists():
     return target
-  target.parent.mkdir(parents=True, exist_ok=True)
-  # Built beside the target and renamed into place: a concurrent build (two
-  # test workers) or an interrupted one never leaves a partial library there.
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+  try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed into place: a concurrent build (two
+    # test workers) or an interrupted one never leaves a partial library there.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+  except OSError as e:
+    raise KernelUnavailable(f"the kernel's build directory {target.parent} is not writable "
+                            f"({e}); set VITJAX_KERNEL_CACHE to a writable directory") from e
   os.close(fd)
   try:
     done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True,
@@ -117,22 +124,52 @@ def _load() -> ctypes.CDLL:
 
 
 def isa() -> Isa:
-  """Which code path the kernel runs on this CPU: "avx512-vnni", or
-  "generic" (a plain loop, far slower than XLA's own dot).
+  """The fastest code path of the kernel on this CPU, which it runs unless
+  told otherwise: "amx" (AMX tiles for layers whose K is a multiple of 64,
+  AVX-512 VNNI for the others), "avx512-vnni", or "generic" (a plain loop,
+  far slower than XLA's own dot).
 
   Raises:
     KernelUnavailable: no C++ compiler, or the build failed.
   """
-  return "avx512-vnni" if _library().vitjax_cpu_int8_isa() == 1 else "generic"
+  return ISAS[_library().vitjax_cpu_int8_isa()]
+
+
+def available() -> tuple[Isa, ...]:
+  """Every code path this CPU can run, fastest first (`isa()`, then the
+  slower ones down to "generic"); empty where the kernel cannot be built."""
+  try:
+    fastest = ISAS.index(isa())
+  except KernelUnavailable:
+    return ()
+  return ISAS[fastest::-1]
+
+
+def check_isa(path: Isa | None) -> None:
+  """Refuses a code path this CPU cannot run (None, the fastest, is always
+  allowed where the kernel builds).
+
+  Raises:
+    ValueError: `path` is not one of `ISAS`, or this CPU lacks it.
+    KernelUnavailable: the kernel cannot be built here.
+  """
+  if path is None:
+    return
+  if path not in ISAS:
+    raise ValueError(f"isa={path!r}: the kernel's code paths are {list(ISAS)} (or None for "
+                     "the fastest this CPU has)")
+  here = ISAS[ISAS.index(isa())::-1]
+  if path not in here:
+    raise ValueError(f"isa={path!r}: this CPU runs only {list(here)}")
 
 
 def fast_here() -> bool:
-  """Whether the kernel has its fast (AVX-512 VNNI) path on this machine's
-  CPU backend; False where it cannot be built."""
+  """Whether the kernel has a fast path (AMX or AVX-512 VNNI) on this
+  machine's CPU backend; False where it cannot be built."""
   if jax.default_backend() != "cpu":
     return False
   try:
-    return isa() == "avx512-vnni"
+    return isa() != "generic"
   except KernelUnavailable:
     return False
 
@@ -145,20 +182,30 @@ class PackedInt8:
     data: (ceil(N/64), ceil(K/4), 256) int8, zero-padded: strips of 64
       columns, 4 consecutive K values per column (cpu_int8.cc).
     corr: (ceil(N/64) * 64,) int32, 128 times each column's sum.
+    isa: the code path the kernel runs on this weight (`ISAS`), or None for
+      the fastest this CPU has (`isa()`).
   """
 
   data: jax.Array
   corr: jax.Array
+  isa: Isa | None = flax.struct.field(pytree_node=False, default=None)
+
+
+def pack(w: jax.Array, isa: Isa | None = None) -> PackedInt8:
+  """The kernel's layout of an integer weight `w` (K, N) (int8, or int4 and
+  narrower, which are widened exactly), to run on code path `isa` (None: the
+  fastest this CPU has).
+
+  Raises:
+    ValueError: `w` is not a 2-D integer array of at most 8 bits, or `isa`
+      names a path this CPU lacks (`check_isa`).
+  """
+  check_isa(isa)
+  return _pack(w).replace(isa=isa)
 
 
 @jax.jit
-def pack(w: jax.Array) -> PackedInt8:
-  """The kernel's layout of an integer weight `w` (K, N) (int8, or int4 and
-  narrower, which are widened exactly).
-
-  Raises:
-    ValueError: `w` is not a 2-D integer array of at most 8 bits.
-  """
+def _pack(w: jax.Array) -> PackedInt8:
   if w.ndim != 2 or not jnp.issubdtype(w.dtype, jnp.integer) or jnp.iinfo(w.dtype).bits > 8:
     raise ValueError(f"pack takes a (K, N) integer weight of at most 8 bits; got "
                      f"{w.dtype}{list(w.shape)}")
@@ -173,7 +220,8 @@ def pack(w: jax.Array) -> PackedInt8:
 
 def matmul(a: jax.Array, packed: PackedInt8, n: int) -> jax.Array:
   """The exact int32 product of int8 `a` (..., K) and the weight `packed`
-  holds (K, n) -> (..., n), by the kernel (CPU backend only).
+  holds (K, n) -> (..., n), by the kernel (CPU backend only) on the code path
+  `packed.isa` names.
 
   Raises:
     ValueError: `a` is not int8, or its K does not match the packed weight.
@@ -188,7 +236,9 @@ def matmul(a: jax.Array, packed: PackedInt8, n: int) -> jax.Array:
   _library()
   flat = a.reshape(math.prod(a.shape[:-1]), a.shape[-1])
   out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((flat.shape[0], n), jnp.int32),
-                         vmap_method="sequential")(flat, packed.data, packed.corr)
+                         vmap_method="sequential")(
+                             flat, packed.data, packed.corr,
+                             isa=np.int32(-1 if packed.isa is None else ISAS.index(packed.isa)))
   return out.reshape(*a.shape[:-1], n)
 
 

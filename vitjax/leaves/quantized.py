@@ -136,9 +136,10 @@ def _replace(self: QuantizedWeight, **changes: Any) -> QuantizedWeight:
 QuantizedWeight.replace = _replace  # flax.struct.dataclass sets its own replace
 
 
-def with_cpu_int8_kernel(w: QuantizedWeight) -> QuantizedWeight:
-  """`w` carrying its weight in the CPU int8 kernel's layout (packed now, once)."""
-  return dataclasses.replace(w, packed=cpu_int8.pack(w.qt.qvalue))
+def with_cpu_int8_kernel(w: QuantizedWeight, isa: cpu_int8.Isa | None = None) -> QuantizedWeight:
+  """`w` carrying its weight in the CPU int8 kernel's layout (packed now, once),
+  for the kernel's code path `isa` (None: the fastest this CPU has)."""
+  return dataclasses.replace(w, packed=cpu_int8.pack(w.qt.qvalue, isa))
 
 
 def without_cpu_int8_kernel(tree: Any) -> Any:
