@@ -5,9 +5,10 @@ project's 2-core EPYC with AVX-512 VNNI, where PyTorch's fbgemm reaches
 87-334 (benchmarks/RESULTS.md); no library of the JAX ecosystem offers a
 faster CPU int8 GEMM. So vitjax carries one: `cpu_int8.cc`, an XLA FFI
 custom call with an AMX tile kernel (Intel Sapphire Rapids and later) and an
-AVX-512 VNNI microkernel (a plain C++ loop on other CPUs), compiled on first use with the machine's C++ compiler (`CXX`, else
-g++ or c++) against jaxlib's FFI headers and cached under
-`~/.cache/vitjax/kernels/` (or `$VITJAX_KERNEL_CACHE`).
+AVX-512 VNNI microkernel (a plain C++ loop on other CPUs), compiled on first
+use with the machine's C++ compiler (`CXX`, else g++ or c++) against jaxlib's
+FFI headers and cached under `~/.cache/vitjax/kernels/` (or
+`$VITJAX_KERNEL_CACHE`).
 
 The weight is packed once (`pack`: VNNI layout and column sums), so a call
 costs only the product. The result is the exact int32 product, so a model
