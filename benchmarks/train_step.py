@@ -5,8 +5,9 @@ measurements behind "the trainings' time is their arithmetic".
     .venv/bin/python benchmarks/train_step.py [--steps 120] [--out FILE.json]
 
 Each case trains the recipe's first `--steps` steps on Fashion-MNIST in a
-fresh process (the host device count is fixed when JAX starts) and reports
-the median step time after step 20 (`common.step_ms`). Cases:
+fresh process (the host device count is fixed when JAX starts; the case's
+`XLA_FLAGS` replaces the caller's) and reports the median step time after
+step 20 (`common.step_ms`). Cases:
 
   teacher, batch B            the teacher recipe at global batch B, 2 host devices;
   teacher, keep K of 16       patch dropout keeping K patch tokens, batch 128;
@@ -27,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -85,28 +87,21 @@ def _result(proc: subprocess.Popen) -> float:
 
 def _lone_dot_us() -> dict[str, float]:
   """Median microseconds of a 896x128 @ 128x256 dot: float32, and bfloat16
-  operands accumulated in float32."""
+  operands accumulated in float32, timed in alternation
+  (`evaluate.round_robin`)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
+
+  from vitjax import evaluate  # noqa: PLC0415
   x = jax.random.normal(jax.random.PRNGKey(0), (896, 128))
   w = jax.random.normal(jax.random.PRNGKey(1), (128, 256))
-  fns = {"float32": (jax.jit(jnp.matmul), x, w),
-         "bfloat16 operands": (jax.jit(lambda a, b: jnp.matmul(
-             a, b, preferred_element_type=jnp.float32)),
-             x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))}
-  times = {}
-  for name, (f, a, b) in fns.items():
-    f(a, b).block_until_ready()
-    rounds = []
-    for _ in range(30):
-      start = time.perf_counter()
-      for _ in range(10):
-        r = f(a, b)
-      r.block_until_ready()
-      rounds.append((time.perf_counter() - start) / 10)
-    times[name] = float(np.median(rounds)) * 1e6
-  return times
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  f32 = jax.jit(jnp.matmul)
+  bf16 = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+  times = evaluate.round_robin({"float32": lambda: f32(x, w),
+                                "bfloat16 operands": lambda: bf16(xb, wb)},
+                               rounds=30, calls=10)
+  return {name: statistics.median(t) * 1e6 for name, t in times.items()}
 
 
 def main() -> None:
@@ -128,9 +123,11 @@ def main() -> None:
   if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:
     cores = sorted(os.sched_getaffinity(0))[:2]
     procs = [_spawn(1, "student", {}, args.steps, core) for core in cores]
-    both = [_result(p) for p in procs]
-    rows["student, 2 side by side (each)"] = max(both)
-    print(f"student, 2 side by side: {both[0]:.1f} and {both[1]:.1f} ms per step", flush=True)
+    for core, proc in zip(cores, procs):
+      rows[f"student, side by side, core {core}"] = _result(proc)
+    print("student, 2 side by side: " + " and ".join(
+        f"{rows[f'student, side by side, core {c}']:.1f}" for c in cores) + " ms per step",
+          flush=True)
   dots = _lone_dot_us()
   print("lone 896x128x256 dot: " + ", ".join(f"{k} {v:.0f} us" for k, v in dots.items()))
   if args.out:
