@@ -98,7 +98,7 @@ def test_survey_writes_every_method_with_consistent_figures(tmp_path):
       tmp_path / survey.CNN_TEACHER / recipes.MODEL_DIR)
   student_run = json.loads((tmp_path / "student" / recipes.TRAIN_DIR /
                             "train_meta.json").read_text())
-  assert '"arch": "cnn"' in student_run["run"]  # taught by the CNN teacher (and the ViT)
+  assert '"arch": "cnn"' in student_run["run"]  # taught by the CNN teacher
   files = [p for p in (tmp_path / "teacher" / recipes.MODEL_DIR).rglob("*") if p.is_file()]
   assert rows["teacher"]["disk_bytes"] == sum(os.path.getsize(p) for p in files)
   # Weights of an int8 model take a quarter of float32; int4 an eighth.
