@@ -152,12 +152,17 @@ def test_saving_and_exporting_drop_the_kernel(tmp_path):
   on_kernel = model_lib.use_cpu_int8_kernel(m)
   a = export.save_model(m, tmp_path / "plain")
   b = export.save_model(on_kernel, tmp_path / "kernel")
-  # the same layout and arrays (orbax's own files differ by tens of bytes
-  # between any two saves: paths and content hashes)
+  # the same layout and arrays, and no packed copy on disk (it would double the
+  # int8 bytes; orbax's own files differ between any two saves: paths, content
+  # hashes, and how its writes were chunked, by up to 2% on a loaded 2-core CPU)
   assert (tmp_path / "plain" / "vitjax.json").read_text() == \
       (tmp_path / "kernel" / "vitjax.json").read_text()
-  assert abs(a - b) < 100
+  assert abs(a - b) < 0.05 * a
   loaded = export.load_model(tmp_path / "kernel")
+  plain = export.load_model(tmp_path / "plain")
+  for x, y in zip(jax.tree_util.tree_leaves(loaded.params), jax.tree_util.tree_leaves(
+      plain.params), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert model_lib.cpu_int8_layers(loaded) == model_lib.cpu_int8_layers(m)
   assert all(leaf.packed is None for leaf in jax.tree_util.tree_leaves(
       loaded.params, is_leaf=lambda x: hasattr(x, "packed")) if hasattr(leaf, "packed"))
@@ -179,7 +184,8 @@ def test_evaluate_runs_the_kernel_option_and_names_it():
                                 evaluate.predictions(m, split, 16))
   prepared, xla = evaluate.prepared(m, options)
   assert xla == {} and model_lib.cpu_int8_layers(prepared)
-  assert evaluate.KERNEL_CANDIDATE in evaluate.candidates(m)
+  # the kernel is a candidate where it has its fast path (VNNI or AMX) only
+  assert (evaluate.KERNEL_CANDIDATE in evaluate.candidates(m)) == cpu_int8.fast_here()
   assert evaluate.KERNEL_CANDIDATE not in evaluate.candidates(noisy_model(TINY))
   chosen = evaluate.fastest_options(m, 2, calls=1)
   assert evaluate.options_name(chosen) in evaluate.candidates(m)
