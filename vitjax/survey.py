@@ -59,7 +59,10 @@ class Settings:
       validation winner of experiments/distill_teacher_smoothing.py: the CNN
       teacher trained without label smoothing, soft targets (2026-12-02,
       90.82% against 89.42% without a teacher, and 89.76% from the teacher
-      trained with smoothing 0.1). Before it, experiments/distill_cnn_teacher.py
+      trained with smoothing 0.1); experiments/distill_objective.py kept it
+      against soft KL without the hard term (89.62%), soft at T=1 (90.18%),
+      the teacher alone (88.88%) and the CNN + ViT ensemble (90.18%).
+      Before it, experiments/distill_cnn_teacher.py
       (teachers with smoothing 0.1) had chosen cnn+vit with hard targets
       (2026-11-30: 89.94% against 89.16%). The teachers never saw the
       validation images. The "student (no teacher)" row trains the same
