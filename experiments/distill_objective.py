@@ -44,20 +44,21 @@ import os
 import pathlib
 import statistics
 import time
+from typing import Any
 
 from vitjax import entry
 
 os.environ["XLA_FLAGS"] = entry.with_cpu_devices(os.environ.get("XLA_FLAGS", ""), os.cpu_count())
 
 from vitjax import data as data_lib  # noqa: E402
-from vitjax import distill, evaluate, recipes, train, xla_cpu  # noqa: E402
+from vitjax import distill, evaluate, recipes, survey, train, xla_cpu  # noqa: E402
 from vitjax import model as model_lib  # noqa: E402
 from vitjax.models.config import ViTConfig  # noqa: E402
 
 HERE = pathlib.Path(__file__).parent
 SEEDS = (0, 1, 2)
 OBJECTIVES: dict[str, distill.DistillConfig] = {
-    "hard+soft-T4": distill.DistillConfig(ce=0.5, hard=0.5, soft=0.5, temperature=4.0),
+    "hard+soft-T4": survey.TARGETS["hard+soft"],
     "soft-T4": distill.DistillConfig(ce=0.5, hard=0.0, soft=0.5, temperature=4.0),
     "soft-T1": distill.DistillConfig(ce=0.5, hard=0.0, soft=0.5, temperature=1.0),
     "match-T1": distill.DistillConfig(ce=0.0, hard=0.0, soft=1.0, temperature=1.0),
@@ -74,15 +75,30 @@ def student(config: ViTConfig, teacher: distill.Teacher, objective: str | None,
             images: data_lib.Split, tcfg: train.TrainConfig, workdir: pathlib.Path,
             seed: int) -> model_lib.Model:
   """The student of `config` trained on `images` with the cached logits of
-  `teacher` (a model or an ensemble tuple)
-  under `OBJECTIVES[objective]`, or on the labels alone when `objective` is
-  None (resumed or reused from `workdir`)."""
+  `teacher` (a model or an ensemble tuple) under `OBJECTIVES[objective]`, or
+  on the labels alone when `objective` is None (resumed or reused from
+  `workdir`)."""
   init = model_lib.init(config, seed)
   if objective is None:
     return train.fit(init, images, tcfg, workdir=workdir / "train", progress=True)
   cache = distill.cached_teacher(teacher, images, tcfg, workdir / "cache.npz", progress=True)
   return distill.fit_student(teacher, init, images, tcfg, OBJECTIVES[objective], cache=cache,
                              workdir=workdir / "train", progress=True)
+
+
+def trained_teacher(run_dir: pathlib.Path, preset: str, dataset: data_lib.Dataset,
+                    images: data_lib.Split, **overrides: Any) -> tuple[model_lib.Model, dict]:
+  """The teacher of `preset`'s recipe (with `overrides`, e.g. epochs) trained
+  on `images` in `run_dir`, or reused from it, and its record: validation
+  accuracy, training seconds (None when reused), steps and label smoothing."""
+  config = recipes.model_config(preset, dataset)
+  cfg = recipes.teacher_train_config(preset, len(images), **overrides)
+  reused = (run_dir / recipes.MODEL_DIR).exists()
+  t = time.perf_counter()
+  m = recipes.train_teacher(run_dir, config, images, cfg)
+  return m, {"validation": 100 * evaluate.accuracy(m, dataset.validation),
+             "train_seconds": None if reused else round(time.perf_counter() - t, 1),
+             "train_steps": cfg.steps, "label_smoothing": cfg.label_smoothing}
 
 
 def save(results: dict) -> None:
@@ -107,29 +123,28 @@ def main() -> None:
   teachers: dict[str, model_lib.Model] = {}
   results["teachers"] = {}
   for name, preset in (("cnn", "tiny-cnn"), ("vit", "tiny")):
-    config = recipes.model_config(preset, dataset)
-    cfg = recipes.teacher_train_config(preset, len(images))
-    reused = (out / name / recipes.MODEL_DIR).exists()
-    t = time.perf_counter()
-    teachers[name] = m = recipes.train_teacher(out / name, config, images, cfg)
-    results["teachers"][name] = {
-        "validation": 100 * evaluate.accuracy(m, dataset.validation),
-        "train_seconds": None if reused else round(time.perf_counter() - t, 1),
-        "train_steps": cfg.steps, "label_smoothing": cfg.label_smoothing}
+    teachers[name], results["teachers"][name] = trained_teacher(out / name, preset, dataset,
+                                                                images)
     print("teacher", name, results["teachers"][name], flush=True)
 
   tcfg = recipes.student_train_config("tiny-student", len(images))
   config = recipes.student_config("tiny-student", teachers["cnn"].config)
 
-  def teacher_of(candidate: str) -> distill.Teacher:
-    names = CANDIDATES[candidate][0]
-    return teachers[names[0]] if len(names) == 1 else tuple(teachers[n] for n in names)
+  def candidate_student(name: str | None, cfg: train.TrainConfig, seed: int) -> model_lib.Model:
+    """Candidate `name`'s student (None: no teacher) of `seed`; seed 0's run is
+    the validation stage's."""
+    run = (name or "none").replace("/", "-")
+    workdir = out / "students" / run if seed == 0 else out / "test" / f"{run}-{seed}"
+    if name is None:
+      return student(config, None, None, images, cfg, workdir, seed)
+    names, objective = CANDIDATES[name]
+    teacher = teachers[names[0]] if len(names) == 1 else tuple(teachers[n] for n in names)
+    return student(config, teacher, objective, images, cfg, workdir, seed)
 
   results["validation"] = {}
   for name in (None, *CANDIDATES):
     key = name or "none"
-    m = student(config, name and teacher_of(name), name and CANDIDATES[name][1], images, tcfg,
-                out / "students" / key.replace("/", "-"), 0)
+    m = candidate_student(name, tcfg, 0)
     results["validation"][key] = 100 * evaluate.accuracy(m, dataset.validation)
     print("student", key, "validation", results["validation"][key], flush=True)
     save(results)
@@ -141,10 +156,7 @@ def main() -> None:
     accs = []
     for seed in SEEDS:
       cfg = recipes.student_train_config("tiny-student", len(images), seed=seed)
-      run = key.replace("/", "-")
-      workdir = out / "students" / run if seed == 0 else out / "test" / f"{run}-{seed}"
-      m = student(config, name and teacher_of(name), name and CANDIDATES[name][1], images, cfg,
-                  workdir, seed)
+      m = candidate_student(name, cfg, seed)
       accs.append(100 * evaluate.accuracy(m, dataset.test))
       print("student", key, "seed", seed, "test", accs[-1], flush=True)
       results["test"][key] = {"seeds": list(SEEDS[:len(accs)]), "accuracy": accs}

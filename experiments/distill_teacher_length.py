@@ -53,24 +53,17 @@ def main() -> None:
                    "objective": OBJECTIVE, "teachers": {}, "validation": {}}
   recipe_epochs = recipes.teacher_recipe("tiny-cnn")["epochs"]
   tcfg = recipes.student_train_config("tiny-student", len(images))
+  s_config = recipes.student_config("tiny-student", recipes.model_config("tiny-cnn", dataset))
   for epochs in EPOCHS:
     tag = "" if epochs == recipe_epochs else f"-{epochs:g}ep"
-    config = recipes.model_config("tiny-cnn", dataset)
-    cfg = recipes.teacher_train_config("tiny-cnn", len(images), epochs=epochs)
-    reused = (out / f"cnn{tag}" / recipes.MODEL_DIR).exists()
-    t = time.perf_counter()
-    teacher = recipes.train_teacher(out / f"cnn{tag}", config, images, cfg)
-    results["teachers"][f"{epochs:g}"] = {
-        "validation": 100 * evaluate.accuracy(teacher, dataset.validation),
-        "train_seconds": None if reused else round(time.perf_counter() - t, 1),
-        "train_steps": cfg.steps}
+    teacher, results["teachers"][f"{epochs:g}"] = base.trained_teacher(
+        out / f"cnn{tag}", "tiny-cnn", dataset, images, epochs=epochs)
     print("CNN teacher", epochs, "epochs", results["teachers"][f"{epochs:g}"], flush=True)
-    s_config = recipes.student_config("tiny-student", teacher.config)
     m = base.student(s_config, teacher, OBJECTIVE, images, tcfg,
                      out / "students" / f"{OBJECTIVE}{tag}", 0)
     results["validation"][f"{epochs:g}"] = 100 * evaluate.accuracy(m, dataset.validation)
     print("student from it, validation", results["validation"][f"{epochs:g}"], flush=True)
-  m = base.student(s_config, teacher, None, images, tcfg, out / "students" / "none", 0)
+  m = base.student(s_config, None, None, images, tcfg, out / "students" / "none", 0)
   results["no_teacher"] = 100 * evaluate.accuracy(m, dataset.validation)
   path = base.HERE / "results" / "distill_teacher_length.json"
   path.write_text(json.dumps(results, indent=1))
